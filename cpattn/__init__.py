@@ -1,0 +1,11 @@
+"""cpattn: attention for LLM inference on NVIDIA GPUs, on CuPy, with no PyTorch.
+
+CuPy arrays (or DLPack tensors on a CUDA device) run the CUDA kernels; NumPy arrays run the
+float64 NumPy reference (``cpattn.reference``) with the same semantics.
+"""
+from . import mask, reference
+from ._kernels import KernelError
+from .merge import merge_state, merge_states
+
+__version__ = "0.1.0"
+__all__ = ["KernelError", "mask", "merge_state", "merge_states", "reference"]

@@ -1,0 +1,393 @@
+"""Custom attention masks: ragged flattening, bit packing, padded -> ragged.
+
+A custom mask is boolean, True = attend. Request ``b`` of a batch owns a row-major
+``[qo_len_b, kv_len_b]`` block; the blocks of a batch are flattened and concatenated.
+
+Two forms reach the kernels and the reference:
+
+- unpacked: ``flat`` bool ``[sum_b qo_len_b * kv_len_b]`` with an element offset array
+  ``elem_indptr`` int64 ``[batch + 1]`` (the offsets follow from the lengths);
+- packed: ``packed`` uint8 with the bits of each request in little-endian order within
+  each byte (``numpy.packbits(..., bitorder="little")``), each request padded to a byte
+  boundary, and ``mask_indptr`` int32 ``[batch + 1]`` giving each request's first **byte**.
+
+Worked example: a ``[2, 3]`` mask and a ``[1, 2]`` mask hold 6 and 2 bits, so each fills one
+byte (padded with zero bits) and ``mask_indptr`` is ``[0, 1, 2]``.
+
+Everything here is NumPy only; it runs on the host before a kernel launch.
+"""
+
+import numpy as np
+
+__all__ = [
+    "flatten",
+    "from_padded",
+    "lengths_from_indptr",
+    "pack",
+    "pack_flat",
+    "unflatten",
+    "unpack",
+    "validate_packed",
+]
+
+BIT_ORDER = "little"  # bit i of a request's block is bit (i % 8) of byte (i // 8)
+INT32_MAX = np.iinfo(np.int32).max
+
+
+def lengths_from_indptr(indptr, name="indptr"):
+    """Per-request lengths of an indptr (cu_seqlens) array.
+
+    Parameters
+    ----------
+    indptr : integer ndarray, [batch + 1]
+        Starts at 0, non-decreasing (int32 by contract; any integer dtype is read here).
+    name : str
+        Argument name used in error messages.
+
+    Returns
+    -------
+    lengths : int64 ndarray, [batch]
+
+    Example
+    -------
+    >>> lengths_from_indptr(np.array([0, 2, 5, 6], dtype=np.int32))
+    array([2, 3, 1])
+    """
+    indptr = np.asarray(indptr)
+    if indptr.ndim != 1 or indptr.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D of shape [batch + 1]; got shape {indptr.shape}")
+    if indptr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integers (int32); got dtype {indptr.dtype}")
+    indptr = indptr.astype(np.int64)
+    if indptr[0] != 0:
+        raise ValueError(f"{name} must start at 0; got {name}[0]={indptr[0]}")
+    lengths = np.diff(indptr)
+    bad = np.flatnonzero(lengths < 0)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{name} must be non-decreasing; "
+            f"{name}[{i}]={indptr[i]} > {name}[{i + 1}]={indptr[i + 1]}"
+        )
+    return lengths
+
+
+def _as_bool(mask, name):
+    """``mask`` as a bool array; bool, or integers that are all 0 or 1."""
+    mask = np.asarray(mask)
+    if mask.dtype == np.bool_:
+        return mask
+    if mask.dtype.kind in "iu" and np.all((mask == 0) | (mask == 1)):
+        return mask.astype(np.bool_)
+    raise ValueError(f"{name} must be bool (or integers 0/1); got dtype {mask.dtype}")
+
+
+def _as_lengths(lengths, name):
+    """``lengths`` as an int64 ndarray [batch] of non-negative values."""
+    lengths = np.asarray(lengths)
+    if lengths.ndim != 1:
+        raise ValueError(f"{name} must be 1-D of shape [batch]; got shape {lengths.shape}")
+    if lengths.size and lengths.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integers; got dtype {lengths.dtype}")
+    lengths = lengths.astype(np.int64)
+    bad = np.flatnonzero(lengths < 0)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{name} must be >= 0; got {name}[{i}]={lengths[i]}")
+    return lengths
+
+
+def _as_mask_list(masks):
+    """Each entry of ``masks`` as a 2-D bool array."""
+    out = []
+    for b, mask in enumerate(masks):
+        mask = _as_bool(mask, f"masks[{b}]")
+        if mask.ndim != 2:
+            raise ValueError(
+                f"masks[{b}] must be 2-D [qo_len, kv_len]; got shape {mask.shape}"
+            )
+        out.append(mask)
+    return out
+
+
+def flatten(masks):
+    """Concatenate per-request 2-D masks into the flat (unpacked) form.
+
+    Parameters
+    ----------
+    masks : list of bool ndarray, each [qo_len_b, kv_len_b]
+
+    Returns
+    -------
+    flat : bool ndarray, [sum_b qo_len_b * kv_len_b]
+    elem_indptr : int64 ndarray, [batch + 1]
+        Offset of each request's block in ``flat`` (in elements).
+
+    Example
+    -------
+    >>> flat, elem_indptr = flatten([np.array([[1, 0, 1], [1, 1, 0]], bool),
+    ...                              np.array([[0, 1]], bool)])
+    >>> flat.astype(int)
+    array([1, 0, 1, 1, 1, 0, 0, 1])
+    >>> elem_indptr
+    array([0, 6, 8])
+    """
+    masks = _as_mask_list(masks)
+    sizes = np.array([m.size for m in masks], dtype=np.int64)
+    elem_indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    flat = np.concatenate([m.reshape(-1) for m in masks] + [np.zeros(0, np.bool_)])
+    return flat, elem_indptr
+
+
+def _packed_sizes(qo_lens, kv_lens):
+    """Bytes per request: ceil(qo_len * kv_len / 8), int64 [batch]."""
+    return (qo_lens * kv_lens + 7) // 8
+
+
+def pack(masks):
+    """Bit-pack per-request 2-D masks, each request padded to a byte boundary.
+
+    Parameters
+    ----------
+    masks : list of bool ndarray, each [qo_len_b, kv_len_b]
+
+    Returns
+    -------
+    packed : uint8 ndarray, [mask_indptr[-1]]
+    mask_indptr : int32 ndarray, [batch + 1]
+        Offset of each request's first byte in ``packed``.
+
+    Example
+    -------
+    A [2, 3] mask (6 bits -> 1 byte) and a [3, 4] mask (12 bits -> 2 bytes):
+
+    >>> packed, mask_indptr = pack([np.ones((2, 3), bool), np.ones((3, 4), bool)])
+    >>> packed
+    array([ 63, 255,  15], dtype=uint8)
+    >>> mask_indptr
+    array([0, 1, 3], dtype=int32)
+    """
+    masks = _as_mask_list(masks)
+    chunks = [np.packbits(m.reshape(-1), bitorder=BIT_ORDER) for m in masks]
+    sizes = np.array([c.size for c in chunks], dtype=np.int64)
+    total = int(sizes.sum())
+    if total > INT32_MAX:
+        raise ValueError(
+            f"packed mask needs {total} bytes; mask_indptr is int32 (at most {INT32_MAX})"
+        )
+    mask_indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    packed = np.concatenate(chunks + [np.zeros(0, np.uint8)])
+    return packed, mask_indptr
+
+
+def unflatten(flat_mask, qo_lens, kv_lens):
+    """Cut a flattened ragged mask into per-request 2-D masks (the inverse of flatten).
+
+    Parameters
+    ----------
+    flat_mask : bool (or 0/1 integer) ndarray, [sum_b qo_lens[b] * kv_lens[b]]
+    qo_lens, kv_lens : integer array-like, [batch]
+
+    Returns
+    -------
+    masks : list of bool ndarray, each [qo_lens[b], kv_lens[b]]
+
+    Example
+    -------
+    >>> [m.shape for m in unflatten(np.ones(8, bool), [2, 1], [3, 2])]
+    [(2, 3), (1, 2)]
+    """
+    qo_lens = _as_lengths(qo_lens, "qo_lens")
+    kv_lens = _as_lengths(kv_lens, "kv_lens")
+    if qo_lens.shape != kv_lens.shape:
+        raise ValueError(
+            f"qo_lens and kv_lens must have the same shape [batch]; "
+            f"got {qo_lens.shape} and {kv_lens.shape}"
+        )
+    flat_mask = _as_bool(flat_mask, "flat_mask")
+    if flat_mask.ndim != 1:
+        raise ValueError(f"flat_mask must be 1-D; got shape {flat_mask.shape}")
+    sizes = qo_lens * kv_lens
+    expected = int(sizes.sum())
+    if flat_mask.shape[0] != expected:
+        raise ValueError(
+            f"flat_mask must have sum(qo_len * kv_len) = {expected} elements; "
+            f"got {flat_mask.shape[0]}"
+        )
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    return [
+        flat_mask[starts[b]:starts[b + 1]].reshape(int(qo_lens[b]), int(kv_lens[b]))
+        for b in range(len(sizes))
+    ]
+
+
+def pack_flat(flat_mask, qo_indptr, kv_indptr):
+    """Bit-pack a flattened ragged mask given its requests' lengths.
+
+    Parameters
+    ----------
+    flat_mask : bool ndarray, [sum_b qo_len_b * kv_len_b]
+        Concatenation of each request's row-major [qo_len_b, kv_len_b] block.
+    qo_indptr : int32 ndarray, [batch + 1]
+    kv_indptr : int32 ndarray, [batch + 1]
+        Token offsets (cu_seqlens) of queries and keys; only their differences are used.
+
+    Returns
+    -------
+    packed : uint8 ndarray
+    mask_indptr : int32 ndarray, [batch + 1], in bytes
+
+    Example
+    -------
+    >>> pack_flat(np.ones(8, bool), np.array([0, 2, 3]), np.array([0, 3, 5]))
+    (array([63,  3], dtype=uint8), array([0, 1, 2], dtype=int32))
+    """
+    qo_lens = lengths_from_indptr(qo_indptr, "qo_indptr")
+    kv_lens = lengths_from_indptr(kv_indptr, "kv_indptr")
+    if qo_lens.shape != kv_lens.shape:
+        raise ValueError(
+            f"qo_indptr and kv_indptr must have the same shape [batch + 1]; "
+            f"got {qo_lens.shape[0] + 1} and {kv_lens.shape[0] + 1}"
+        )
+    return pack(unflatten(flat_mask, qo_lens, kv_lens))
+
+
+def from_padded(mask, qo_lens, kv_lens):
+    """Cut a padded batch mask into per-request 2-D masks.
+
+    Parameters
+    ----------
+    mask : bool (or 0/1 integer) ndarray, [batch, max_qo_len, max_kv_len]
+        Request b's mask is ``mask[b, :qo_lens[b], :kv_lens[b]]``; the rest is padding
+        and is never read.
+    qo_lens, kv_lens : integer array-like, [batch]
+
+    Returns
+    -------
+    masks : list of bool ndarray, each [qo_lens[b], kv_lens[b]] (copies)
+
+    Example
+    -------
+    >>> padded = np.ones((2, 3, 4), bool)
+    >>> [m.shape for m in from_padded(padded, [3, 1], [2, 4])]
+    [(3, 2), (1, 4)]
+    """
+    mask = np.asarray(mask)
+    if mask.dtype.kind not in "biu":
+        raise ValueError(f"mask must be bool (or integers 0/1); got dtype {mask.dtype}")
+    if mask.ndim != 3:
+        raise ValueError(
+            f"mask must be 3-D [batch, max_qo_len, max_kv_len]; got shape {mask.shape}"
+        )
+    qo_lens = _as_lengths(qo_lens, "qo_lens")
+    kv_lens = _as_lengths(kv_lens, "kv_lens")
+    batch = mask.shape[0]
+    for name, lens in (("qo_lens", qo_lens), ("kv_lens", kv_lens)):
+        if lens.shape[0] != batch:
+            raise ValueError(
+                f"{name} must have shape [batch] = [{batch}] (mask.shape[0]); "
+                f"got [{lens.shape[0]}]"
+            )
+    for axis, name, lens in ((1, "qo_lens", qo_lens), (2, "kv_lens", kv_lens)):
+        over = np.flatnonzero(lens > mask.shape[axis])
+        if over.size:
+            b = int(over[0])
+            raise ValueError(
+                f"{name}[{b}]={lens[b]} does not fit in the padded mask: "
+                f"mask.shape[{axis}]={mask.shape[axis]}"
+            )
+    # NOTE: only the valid region is converted, so padding may hold any value.
+    return [
+        _as_bool(mask[b, : qo_lens[b], : kv_lens[b]], f"mask[{b}]").copy()
+        for b in range(batch)
+    ]
+
+
+def validate_packed(packed, mask_indptr, qo_lens, kv_lens):
+    """Check a packed mask against its requests' lengths; raise ValueError if wrong.
+
+    Parameters
+    ----------
+    packed : uint8 ndarray, 1-D
+    mask_indptr : int32 ndarray, [batch + 1]
+        Starts at 0; request b holds ``ceil(qo_lens[b] * kv_lens[b] / 8)`` bytes.
+    qo_lens, kv_lens : integer array-like, [batch]
+
+    Example
+    -------
+    ``packed`` of 3 bytes, ``mask_indptr = [0, 1, 3]``, ``qo_lens = [2, 3]``,
+    ``kv_lens = [3, 4]`` is valid: 6 bits fit in 1 byte, 12 bits in 2.
+    """
+    if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8:
+        raise ValueError(f"packed must be a uint8 ndarray; got {_describe(packed)}")
+    if packed.ndim != 1:
+        raise ValueError(f"packed must be 1-D; got shape {packed.shape}")
+    if not isinstance(mask_indptr, np.ndarray) or mask_indptr.dtype != np.int32:
+        raise ValueError(f"mask_indptr must be an int32 ndarray; got {_describe(mask_indptr)}")
+    qo_lens = _as_lengths(qo_lens, "qo_lens")
+    kv_lens = _as_lengths(kv_lens, "kv_lens")
+    if qo_lens.shape != kv_lens.shape:
+        raise ValueError(
+            f"qo_lens and kv_lens must have the same shape [batch]; "
+            f"got {qo_lens.shape} and {kv_lens.shape}"
+        )
+    batch = qo_lens.shape[0]
+    if mask_indptr.shape != (batch + 1,):
+        raise ValueError(
+            f"mask_indptr must have shape [batch + 1] = ({batch + 1},); "
+            f"got {mask_indptr.shape}"
+        )
+    if mask_indptr[0] != 0:
+        raise ValueError(f"mask_indptr must start at 0; got mask_indptr[0]={mask_indptr[0]}")
+    sizes = np.diff(mask_indptr.astype(np.int64))
+    expected = _packed_sizes(qo_lens, kv_lens)
+    wrong = np.flatnonzero(sizes != expected)
+    if wrong.size:
+        b = int(wrong[0])
+        raise ValueError(
+            f"request {b} must hold ceil(qo_len * kv_len / 8) = "
+            f"ceil({qo_lens[b]} * {kv_lens[b]} / 8) = {expected[b]} bytes; "
+            f"mask_indptr[{b + 1}] - mask_indptr[{b}] = {sizes[b]}"
+        )
+    if mask_indptr[-1] > packed.shape[0]:
+        raise ValueError(
+            f"packed is too short: mask_indptr[-1]={mask_indptr[-1]} bytes needed, "
+            f"len(packed)={packed.shape[0]}"
+        )
+
+
+def _describe(x):
+    """Short description of a value for error messages."""
+    if isinstance(x, np.ndarray):
+        return f"ndarray of dtype {x.dtype}"
+    return type(x).__name__
+
+
+def unpack(packed, mask_indptr, qo_lens, kv_lens):
+    """Unpack a bit-packed mask into per-request 2-D bool masks.
+
+    Parameters
+    ----------
+    packed : uint8 ndarray, 1-D
+    mask_indptr : int32 ndarray, [batch + 1], in bytes
+    qo_lens, kv_lens : integer array-like, [batch]
+
+    Returns
+    -------
+    masks : list of bool ndarray, each [qo_lens[b], kv_lens[b]]
+
+    Example
+    -------
+    >>> unpack(np.array([5], np.uint8), np.array([0, 1], np.int32), [1], [3])
+    [array([[ True, False,  True]])]
+    """
+    validate_packed(packed, mask_indptr, qo_lens, kv_lens)
+    qo_lens = _as_lengths(qo_lens, "qo_lens")
+    kv_lens = _as_lengths(kv_lens, "kv_lens")
+    masks = []
+    for b in range(qo_lens.shape[0]):
+        n_bits = int(qo_lens[b] * kv_lens[b])
+        chunk = packed[mask_indptr[b]:mask_indptr[b + 1]]
+        bits = np.unpackbits(chunk, count=n_bits, bitorder=BIT_ORDER)
+        masks.append(bits.astype(np.bool_).reshape(int(qo_lens[b]), int(kv_lens[b])))
+    return masks

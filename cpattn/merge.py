@@ -1,0 +1,122 @@
+"""Merging attention states computed over disjoint sets of keys.
+
+A state of one (token, head) is ``(v, s)``: the attention output over some keys and the natural-log
+``lse = log(sum(exp(scores)))`` over them. The state over the union of two key sets is::
+
+    s = log(exp(s_a) + exp(s_b))
+    v = (exp(s_a - s) * v_a) + (exp(s_b - s) * v_b)
+
+An empty state (``s = -inf``) contributes nothing; merging only empty states gives ``v = 0`` and
+``s = -inf``. Split-KV decode and cascade (shared-prefix) attention both end with a merge.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _arrays as A
+from . import _kernels, reference
+
+#: dtypes of v (lse is always float32).
+MERGE_DTYPES = (A.FLOAT16, A.BFLOAT16, A.FLOAT32)
+_ROW_THREADS = 128  # threads per block: rows_per_block = 128 // (head_dim / VEC)
+
+#: Strides (in elements) of one input view of the kernel: ``StateView`` in merge_state.cu.
+_STATE_VIEW = np.dtype([(f, np.int64) for f in
+                        ("v_token", "v_state", "v_head", "s_token", "s_state", "s_head")])
+
+
+def merge_state(v_a, s_a, v_b, s_b, *, stream=None):
+    """Merge two attention states of the same tokens and heads.
+
+    Parameters
+    ----------
+    v_a, v_b : array [n, num_heads, head_dim], float16 / bfloat16 / float32 (one dtype)
+    s_a, s_b : array [n, num_heads], float32, natural-log lse (``-inf`` for an empty state)
+    stream : cupy.cuda.Stream, optional; default: CuPy's current stream
+
+    Returns
+    -------
+    (v [n, num_heads, head_dim] in v_a's dtype, s [n, num_heads] float32)
+    """
+    arrs, on_gpu = A.intake_all({"v_a": v_a, "s_a": s_a, "v_b": v_b, "s_b": s_b})
+    v_a, s_a, v_b, s_b = arrs.values()
+    _check_v(v_a, "v_a", ndim=3)
+    n, heads, dim = v_a.shape
+    A.check_shape(v_b, "v_b", (n, heads, dim), "[n, num_heads, head_dim]")
+    A.check_same_dtype(v_b, "v_b", v_a, "v_a")
+    for name, s in (("s_a", s_a), ("s_b", s_b)):
+        A.check_shape(s, name, (n, heads), "[n, num_heads]")
+        A.check_dtype(s, name, (A.FLOAT32,))
+    A.check_last_dim_contiguous(v_b, "v_b")
+    A.check_vector_aligned(v_b, "v_b")
+    if not on_gpu:
+        v, s = reference.merge_state(v_a, s_a, v_b, s_b)
+        return v.astype(v_a.dtype), s.astype(np.float32)
+    view_a = _view(v_a[:, None], s_a[:, None])
+    view_b = _view(v_b[:, None], s_b[:, None])
+    return _launch(v_a, s_a, view_a, 1, v_b, s_b, view_b, 1, (n, heads, dim), stream)
+
+
+def merge_states(v, s, *, stream=None):
+    """Merge ``num_states`` attention states of each token and head into one.
+
+    Parameters
+    ----------
+    v : array [n, num_states, num_heads, head_dim], float16 / bfloat16 / float32
+    s : array [n, num_states, num_heads], float32, natural-log lse
+    stream : cupy.cuda.Stream, optional
+
+    Returns
+    -------
+    (v [n, num_heads, head_dim] in v's dtype, s [n, num_heads] float32); with ``num_states = 0``
+    every row is empty: ``v = 0``, ``s = -inf``.
+    """
+    arrs, on_gpu = A.intake_all({"v": v, "s": s})
+    v, s = arrs["v"], arrs["s"]
+    _check_v(v, "v", ndim=4)
+    n, num_states, heads, dim = v.shape
+    A.check_shape(s, "s", (n, num_states, heads), "[n, num_states, num_heads]")
+    A.check_dtype(s, "s", (A.FLOAT32,))
+    if not on_gpu:
+        out, lse = reference.merge_states(v, s)
+        return out.astype(v.dtype), lse.astype(np.float32)
+    return _launch(v, s, _view(v, s), num_states, v, s, _view(v, s), 0, (n, heads, dim), stream)
+
+
+def _check_v(v, name: str, ndim: int) -> None:
+    A.check_dtype(v, name, MERGE_DTYPES)
+    if v.ndim != ndim:
+        dims = "[n, num_heads, head_dim]" if ndim == 3 else "[n, num_states, num_heads, head_dim]"
+        raise ValueError(f"{name} must have shape {dims}; got {tuple(v.shape)}")
+    vec = 16 // v.itemsize
+    if v.shape[-1] % vec or v.shape[-1] // vec > _ROW_THREADS * 8:
+        raise NotImplementedError(f"{name}: head_dim must be a multiple of {vec} and at most "
+                                  f"{_ROW_THREADS * 8 * vec} for {A.dtype_name(v.dtype)}; "
+                                  f"got {v.shape[-1]}")
+    A.check_last_dim_contiguous(v, name)
+    A.check_vector_aligned(v, name)
+
+
+def _view(v, s):
+    """Element strides of v [n, S, H, D] and s [n, S, H] as the kernel's StateView."""
+    vs, ss = A.element_strides(v), A.element_strides(s)
+    return np.array((vs[0], vs[1], vs[2], ss[0], ss[1], ss[2]), dtype=_STATE_VIEW)[()]
+
+
+def _launch(v_a, s_a, view_a, states_a, v_b, s_b, view_b, states_b, shape, stream):
+    import cupy
+    n, heads, dim = shape
+    v_out = cupy.empty((n, heads, dim), dtype=v_a.dtype)
+    s_out = cupy.empty((n, heads), dtype=np.float32)
+    rows = n * heads
+    if rows == 0:
+        return v_out, s_out
+    threads_x = dim // (16 // v_a.itemsize)
+    rows_per_block = max(1, _ROW_THREADS // threads_x)
+    kernel = _kernels.get_kernel("merge_state", (_kernels.CTYPES[A.dtype_name(v_a.dtype)],))
+    args = (v_a, s_a, view_a, np.int32(states_a), v_b, s_b, view_b, np.int32(states_b),
+            v_out, s_out, np.int32(n), np.int32(heads), np.int32(dim))
+    grid = ((rows + rows_per_block - 1) // rows_per_block,)
+    with stream or cupy.cuda.get_current_stream():
+        kernel(grid, (threads_x, rows_per_block), args)
+    return v_out, s_out

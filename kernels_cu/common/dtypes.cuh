@@ -1,0 +1,46 @@
+// dtypes.cuh: the element types kernels take, and 16-byte vector moves between them and float.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+namespace cpattn {
+
+template <typename T> __device__ __forceinline__ float to_float(T x);
+template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_float<half>(half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ half from_float<half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Elements of T in one 16-byte vector: the unit of every global load and store.
+template <typename T> struct Vec16 {
+  static constexpr int N = 16 / sizeof(T);
+  static_assert(16 % sizeof(T) == 0, "element size must divide 16 bytes");
+};
+
+// Load N = Vec16<T>::N elements (16-byte aligned) as floats.
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[Vec16<T>::N]) {
+  union { uint4 raw; T elems[Vec16<T>::N]; } u;
+  u.raw = *reinterpret_cast<const uint4*>(ptr);
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::N; ++i) out[i] = to_float(u.elems[i]);
+}
+
+// Store N floats, rounded to T, as one 16-byte vector.
+template <typename T>
+__device__ __forceinline__ void store_vec(T* ptr, const float (&in)[Vec16<T>::N]) {
+  union { uint4 raw; T elems[Vec16<T>::N]; } u;
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::N; ++i) u.elems[i] = from_float<T>(in[i]);
+  *reinterpret_cast<uint4*>(ptr) = u.raw;
+}
+
+}  // namespace cpattn
