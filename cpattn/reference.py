@@ -345,15 +345,13 @@ def paged_kv_lens(kv_indptr, page_size, kv_lens=None, kv_last_page_len=None):
     full_pages = np.maximum(num_pages - 1, 0) * page_size
     if kv_lens is None:
         lo, hi = np.ones_like(given), np.full_like(given, page_size)
+        # the kv_last_page_len of a request without pages is ignored
+        ok = ((given >= lo) & (given <= hi)) | ~has_pages
         out = np.where(has_pages, full_pages + given, 0)
     else:
         lo, hi = full_pages + 1, num_pages * page_size
+        ok = np.where(has_pages, (given >= lo) & (given <= hi), given == 0)
         out = given
-    in_range = (given >= lo) & (given <= hi)
-    if kv_lens is None:
-        ok = in_range | ~has_pages  # the entry of a request without pages is ignored
-    else:
-        ok = np.where(has_pages, in_range, given == 0)
     bad = np.flatnonzero(~ok)
     if bad.size:
         b = int(bad[0])
