@@ -3,9 +3,13 @@
 CuPy arrays (or DLPack tensors on a CUDA device) run the CUDA kernels; NumPy arrays run the
 float64 NumPy reference (``cpattn.reference``) with the same semantics.
 """
-from . import mask, reference
+from . import mask, planner, reference
 from ._kernels import KernelError
+from .attention import BatchPrefillRagged, single_decode, single_prefill, varlen_attention
+from .decode import BatchDecode
 from .merge import merge_state, merge_states
 
 __version__ = "0.1.0"
-__all__ = ["KernelError", "mask", "merge_state", "merge_states", "reference"]
+__all__ = ["BatchDecode", "BatchPrefillRagged", "KernelError", "mask", "merge_state",
+           "merge_states", "planner", "reference", "single_decode", "single_prefill",
+           "varlen_attention"]

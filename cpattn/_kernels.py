@@ -18,11 +18,17 @@ import os
 import re
 from pathlib import Path
 
+from . import _tiles
+
 #: Every template instantiation cpattn launches, per op: C++ template arguments as strings.
 #: ``python -m cpattn.compile`` builds exactly these; ``get_kernel`` refuses anything else.
 VARIANTS: dict[str, list[tuple[str, ...]]] = {
-    # merge_state_kernel<T>: states in fp16 / bf16 / fp32 (head_dim is a run-time argument).
-    "merge_state": [("half",), ("__nv_bfloat16",), ("float",)],
+    # merge_state_kernel<T, TOut>: states in T, merged output in TOut (head_dim at run time);
+    # fp32 -> fp16 / bf16 merges split-KV partials.
+    "merge_state": [("half", "half"), ("__nv_bfloat16", "__nv_bfloat16"), ("float", "float"),
+                    ("float", "half"), ("float", "__nv_bfloat16")],
+    # batch_attention_kernel<T, HEAD_DIM, WARPS_Q, WARPS_KV, TILE, STAGES>: see _tiles.py.
+    "batch_attention": _tiles.attention_variants(),
 }
 
 #: C++ spelling of the dtypes kernels take.

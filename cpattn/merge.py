@@ -22,7 +22,8 @@ _ROW_THREADS = 128  # threads per block: rows_per_block = 128 // (head_dim / VEC
 
 #: Strides (in elements) of one input view of the kernel: ``StateView`` in merge_state.cu.
 _STATE_VIEW = np.dtype([(f, np.int64) for f in
-                        ("v_token", "v_state", "v_head", "s_token", "s_state", "s_head")])
+                        ("v_token", "v_state", "v_head", "s_token", "s_state", "s_head")] +
+                       [("indptr", np.uint64)], align=True)
 
 
 def merge_state(v_a, s_a, v_b, s_b, *, stream=None):
@@ -100,20 +101,37 @@ def _check_v(v, name: str, ndim: int) -> None:
 def _view(v, s):
     """Element strides of v [n, S, H, D] and s [n, S, H] as the kernel's StateView."""
     vs, ss = A.element_strides(v), A.element_strides(s)
-    return np.array((vs[0], vs[1], vs[2], ss[0], ss[1], ss[2]), dtype=_STATE_VIEW)[()]
+    return np.array((vs[0], vs[1], vs[2], ss[0], ss[1], ss[2], 0), dtype=_STATE_VIEW)[()]
 
 
-def _launch(v_a, s_a, view_a, states_a, v_b, s_b, view_b, states_b, shape, stream):
+def merge_varlen_into(v_out, s_out, v, s, state_stride: int, indptr_ptr: int, stream=None) -> None:
+    """Merge variable-length states into ``v_out [n, H, D]`` / ``s_out [n, H]`` (preallocated).
+
+    Row n's states are ``indptr[n]:indptr[n + 1]`` (a device int32 array at ``indptr_ptr``) of
+    ``v [*, H, D]`` / ``s [*, H]`` viewed with ``state_stride`` rows between states: split-KV
+    partials, where each request was cut into its own number of chunks.
+    """
+    heads, dim = v.shape[-2], v.shape[-1]
+    view = np.array((0, state_stride * heads * dim, dim, 0, state_stride * heads, 1, indptr_ptr),
+                    dtype=_STATE_VIEW)[()]
+    no_states = np.zeros((), dtype=_STATE_VIEW)[()]  # view b: nothing (its indptr is null)
+    _launch(v, s, view, 0, v, s, no_states, 0, (v_out.shape[0], heads, dim), stream, v_out, s_out)
+
+
+def _launch(v_a, s_a, view_a, states_a, v_b, s_b, view_b, states_b, shape, stream,
+            v_out=None, s_out=None):
     import cupy
     n, heads, dim = shape
-    v_out = cupy.empty((n, heads, dim), dtype=v_a.dtype)
-    s_out = cupy.empty((n, heads), dtype=np.float32)
+    if v_out is None:
+        v_out = cupy.empty((n, heads, dim), dtype=v_a.dtype)
+        s_out = cupy.empty((n, heads), dtype=np.float32)
     rows = n * heads
     if rows == 0:
         return v_out, s_out
     threads_x = dim // (16 // v_a.itemsize)
     rows_per_block = max(1, _ROW_THREADS // threads_x)
-    kernel = _kernels.get_kernel("merge_state", (_kernels.CTYPES[A.dtype_name(v_a.dtype)],))
+    kernel = _kernels.get_kernel("merge_state", (_kernels.CTYPES[A.dtype_name(v_a.dtype)],
+                                                 _kernels.CTYPES[A.dtype_name(v_out.dtype)]))
     args = (v_a, s_a, view_a, np.int32(states_a), v_b, s_b, view_b, np.int32(states_b),
             v_out, s_out, np.int32(n), np.int32(heads), np.int32(dim))
     grid = ((rows + rows_per_block - 1) // rows_per_block,)

@@ -67,7 +67,8 @@ def test_bad_arch_spelling():
     assert proc.returncode != 0 and "arch must look like sm_80 or sm_90a" in proc.stderr
 
 
-_LOAD = "import cpattn._kernels as k; k.get_kernel('merge_state', ('float',)); print('loaded')"
+_LOAD = ("import cpattn._kernels as k; k.get_kernel('merge_state', ('float', 'float')); "
+         "print('loaded')")
 # CuPy preprocesses an empty program on every load to read the compiler's version; compiling
 # any kernel source at all is what must not happen in a second process.
 _NO_NVRTC = ("import cupy_backends.cuda.libs.nvrtc as n\n"

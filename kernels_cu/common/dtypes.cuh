@@ -25,22 +25,28 @@ template <typename T> struct Vec16 {
   static_assert(16 % sizeof(T) == 0, "element size must divide 16 bytes");
 };
 
-// Load N = Vec16<T>::N elements (16-byte aligned) as floats.
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[Vec16<T>::N]) {
-  union { uint4 raw; T elems[Vec16<T>::N]; } u;
-  u.raw = *reinterpret_cast<const uint4*>(ptr);
+// The unsigned type moving BYTES bytes at once.
+template <int BYTES> struct Raw;
+template <> struct Raw<4> { using type = unsigned; };
+template <> struct Raw<8> { using type = uint2; };
+template <> struct Raw<16> { using type = uint4; };
+
+// Load N elements (N * sizeof(T) bytes, aligned to that) as floats.
+template <typename T, int N>
+__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[N]) {
+  union { typename Raw<N * sizeof(T)>::type raw; T elems[N]; } u;
+  u.raw = *reinterpret_cast<const typename Raw<N * sizeof(T)>::type*>(ptr);
 #pragma unroll
-  for (int i = 0; i < Vec16<T>::N; ++i) out[i] = to_float(u.elems[i]);
+  for (int i = 0; i < N; ++i) out[i] = to_float(u.elems[i]);
 }
 
-// Store N floats, rounded to T, as one 16-byte vector.
-template <typename T>
-__device__ __forceinline__ void store_vec(T* ptr, const float (&in)[Vec16<T>::N]) {
-  union { uint4 raw; T elems[Vec16<T>::N]; } u;
+// Store N floats, rounded to T, in one access of N * sizeof(T) bytes.
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* ptr, const float (&in)[N]) {
+  union { typename Raw<N * sizeof(T)>::type raw; T elems[N]; } u;
 #pragma unroll
-  for (int i = 0; i < Vec16<T>::N; ++i) u.elems[i] = from_float<T>(in[i]);
-  *reinterpret_cast<uint4*>(ptr) = u.raw;
+  for (int i = 0; i < N; ++i) u.elems[i] = from_float<T>(in[i]);
+  *reinterpret_cast<typename Raw<N * sizeof(T)>::type*>(ptr) = u.raw;
 }
 
 }  // namespace cpattn

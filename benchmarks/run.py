@@ -1,0 +1,135 @@
+"""cpattn benchmarks, with peers run side by side in the same process on the same inputs.
+
+    python benchmarks/run.py --config benchmarks/configs/decode.yaml [--quick] [--peers] [--out DIR]
+
+Each case is timed with CUDA events (warm-up, then ``repeat`` timed runs; median and spread).
+Figures: GB/s of K+V read for decode, TFLOP/s for prefill (causal counts half of 4*S*S*D per
+head), each as a % of the ceiling measured in the same run (a large device copy for bandwidth, a
+large bf16 cuBLAS matmul for tensor-core rate), host microseconds of plan() and run(), and the
+ratio to the best peer. Results go to JSON and a Markdown table under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cupy  # noqa: E402
+
+import cpattn  # noqa: E402
+from benchmarks import suites  # noqa: E402
+
+
+def time_ms(fn, warmup: int = 5, repeat: int = 30) -> tuple[float, float]:
+    """Median and (p90 - p10) of ``fn``'s device time in ms, with CUDA events per run."""
+    for _ in range(warmup):
+        fn()
+    events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(repeat)]
+    for start, stop in events:
+        start.record()
+        fn()
+        stop.record()
+    events[-1][1].synchronize()
+    times = np.array([cupy.cuda.get_elapsed_time(a, b) for a, b in events])
+    return float(np.median(times)), float(np.percentile(times, 90) - np.percentile(times, 10))
+
+
+def host_us(fn, repeat: int = 50) -> float:
+    """Median host time of ``fn`` in microseconds (the device is not waited for)."""
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    cupy.cuda.get_current_stream().synchronize()
+    return float(np.median(samples))
+
+
+def ceilings() -> dict:
+    """Copy bandwidth (bytes read + written) and bf16 matmul rate, measured now."""
+    n = 1 << 30
+    src, dst = cupy.empty(n, np.uint8), cupy.empty(n, np.uint8)
+    ms, _ = time_ms(lambda: dst.__setitem__(Ellipsis, src), 3, 10)
+    bandwidth = 2 * n / ms / 1e6
+    size = 8192
+    rng = cupy.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32).astype(cpattn._arrays.BFLOAT16)
+    b = rng.standard_normal((size, size), dtype=np.float32).astype(cpattn._arrays.BFLOAT16)
+    ms, _ = time_ms(lambda: cupy.matmul(a, b), 3, 10)
+    return {"copy_GBps": bandwidth, "matmul_bf16_TFLOPs": 2 * size ** 3 / ms / 1e9}
+
+
+def environment() -> dict:
+    dev = cupy.cuda.Device()
+    props = cupy.cuda.runtime.getDeviceProperties(dev.id)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"gpu": props["name"].decode(), "driver": cupy.cuda.runtime.driverGetVersion(),
+            "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(), "cupy": cupy.__version__,
+            "python": platform.python_version(), "commit": commit}
+
+
+def markdown(results: list[dict], env: dict, ceil: dict, command: str) -> str:
+    lines = [f"GPU: {env['gpu']}, CuPy {env['cupy']}, commit {env['commit']}; ceilings: copy "
+             f"{ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_bf16_TFLOPs']:.0f} TFLOP/s",
+             f"Command: `{command}`", "",
+             "| suite | case | cpattn | unit | % ceiling | plan us | run us | best peer | peer | "
+             "ours / peer |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        peers = {k: v for k, v in r.get("peers", {}).items() if v is not None}
+        best = max(peers.items(), key=lambda kv: kv[1], default=(None, None))
+        ratio = f"{r['value'] / best[1]:.2f}" if best[1] else "-"
+        peer = f"{best[1]:.0f}" if best[1] else "-"
+        lines.append(f"| {r['suite']} | {r['case']} | {r['value']:.0f} | {r['unit']} | "
+                     f"{r['pct_ceiling']:.0f} | {r.get('plan_us', 0):.0f} | {r.get('run_us', 0):.0f} "
+                     f"| {best[0] or '-'} | {peer} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", required=True)
+    parser.add_argument("--quick", action="store_true", help="first case of each suite only")
+    parser.add_argument("--peers", action="store_true", help="run torch SDPA / FlashInfer too")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    env, ceil = environment(), ceilings()
+    print(f"{env['gpu']}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul "
+          f"{ceil['matmul_bf16_TFLOPs']:.0f} TFLOP/s", flush=True)
+    results = []
+    for path in args.config:
+        config = yaml.safe_load(Path(path).read_text())
+        cases = config["cases"][:1] if args.quick else config["cases"]
+        for i, case in enumerate(cases, 1):
+            row = suites.SUITES[config["suite"]](case, args.peers, time_ms, host_us, ceil)
+            row["suite"] = config["suite"]
+            results.append(row)
+            peers = ", ".join(f"{k} {v:.0f}" for k, v in row.get("peers", {}).items() if v)
+            print(f"[{config['suite']} {i}/{len(cases)}] {row['case']}: {row['value']:.0f} "
+                  f"{row['unit']} ({row['pct_ceiling']:.0f}% of ceiling) err {row['rel_err']:.1e}"
+                  f"{'; ' + peers if peers else ''}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (out / "results.json").write_text(json.dumps(
+        {"environment": env, "ceilings": ceil, "results": results}, indent=1))
+    table = markdown(results, env, ceil, command)
+    (out / "results.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Benchmark suites: each builds one case's inputs, times cpattn and the peers on them, and checks
+a sample of the output against cpattn.reference. A suite returns one result row (a dict)."""
+from __future__ import annotations
+
+import numpy as np
+import cupy
+
+import cpattn
+from cpattn import _arrays as A
+from cpattn import reference
+
+DTYPES = {"float16": A.FLOAT16, "bfloat16": A.BFLOAT16}
+
+
+def _rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+def _torch():
+    try:
+        import torch
+        return torch
+    except ImportError:
+        return None
+
+
+def _flashinfer():
+    try:
+        import flashinfer
+        return flashinfer
+    except Exception:  # absent, or its import fails (no compiler, wrong torch)
+        return None
+
+
+def _random(shape, dtype, rng):
+    return rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+
+
+# ---- decode ------------------------------------------------------------------------------------
+
+def decode(case, peers, time_ms, host_us, ceil):
+    """Paged batch decode: B requests of L tokens, K+V bytes read counted."""
+    b, length = case["batch"], case["kv_len"]
+    hq, hkv, d, ps = case.get("qo_heads", 32), case.get("kv_heads", 8), case.get("head_dim", 128), \
+        case.get("page_size", 16)
+    dtype = DTYPES[case.get("dtype", "float16")]
+    rng = cupy.random.default_rng(0)
+    pages_per = -(-length // ps)
+    num_pages = b * pages_per
+    k_pages = _random((num_pages, ps, hkv, d), dtype, rng)
+    v_pages = _random((num_pages, ps, hkv, d), dtype, rng)
+    q = _random((b, hq, d), dtype, rng)
+    kv_indices = np.random.default_rng(0).permutation(num_pages).astype(np.int32)
+    kv_indptr = (np.arange(b + 1) * pages_per).astype(np.int32)
+    last = np.full(b, length - (pages_per - 1) * ps, np.int32)
+    wrapper = cpattn.BatchDecode()
+    plan = lambda: wrapper.plan(kv_indptr, kv_indices, last, hq, hkv, d, ps, dtype=dtype)
+    plan_us = host_us(plan, 20)
+    out = cupy.empty((b, hq, d), dtype)
+    run = lambda: wrapper.run(q, (k_pages, v_pages), out=out)
+    ms, spread = time_ms(run)
+    run_us = host_us(run)
+    nbytes = 2 * b * length * hkv * d * np.dtype(dtype).itemsize
+    row = dict(case=f"B{b} L{length} {hq}/{hkv} hd{d} p{ps}", unit="GB/s", value=nbytes / ms / 1e6,
+               ms=ms, spread_ms=spread, plan_us=plan_us, run_us=run_us)
+    row["pct_ceiling"] = 100 * row["value"] / ceil["copy_GBps"]
+    # Sample check: request 0 against the reference.
+    pages = kv_indices[:pages_per]
+    k0 = cupy.asnumpy(k_pages[pages]).reshape(-1, hkv, d)[:length]
+    v0 = cupy.asnumpy(v_pages[pages]).reshape(-1, hkv, d)[:length]
+    ref, _ = reference.single_decode(cupy.asnumpy(q[0]), k0, v0)
+    row["rel_err"] = _rel_err(cupy.asnumpy(out[0]), ref)
+    row["peers"] = _decode_peers(case, q, k_pages, v_pages, kv_indptr, kv_indices, last,
+                                 (hq, hkv, d, ps), nbytes, time_ms) if peers else {}
+    return row
+
+
+def _decode_peers(case, q, k_pages, v_pages, kv_indptr, kv_indices, last, dims, nbytes, time_ms):
+    torch, fi = _torch(), _flashinfer()
+    if torch is None or fi is None:
+        return {}
+    hq, hkv, d, ps = dims
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
+    tq = torch.from_dlpack(q)
+    cache = (torch.from_dlpack(k_pages), torch.from_dlpack(v_pages))
+    dev = lambda x: torch.from_dlpack(cupy.asarray(x))
+    wrapper.plan(dev(kv_indptr), dev(kv_indices), dev(last), hq, hkv, d, ps,
+                 q_data_type=tq.dtype, kv_data_type=tq.dtype)
+    ms, _ = time_ms(lambda: wrapper.run(tq, cache))
+    return {"flashinfer": nbytes / ms / 1e6}
+
+
+# ---- prefill (dense batches of equal lengths) and ragged ------------------------------------------
+
+def _prefill_flops(qo_lens, kv_lens, hq, d, causal):
+    flops = 0.0
+    for q, k in zip(qo_lens, kv_lens):
+        pairs = q * k - (q * (q - 1) / 2 if causal else 0)  # visible (query, key) pairs
+        flops += 4.0 * pairs * d * hq
+    return flops
+
+
+def _ragged_case(qo_lens, kv_lens, hq, hkv, d, causal, dtype, peers_kind, peers, time_ms,
+                 host_us, ceil, name):
+    rng = cupy.random.default_rng(1)
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    kv_indptr = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+    q = _random((int(qo_indptr[-1]), hq, d), dtype, rng)
+    k = _random((int(kv_indptr[-1]), hkv, d), dtype, rng)
+    v = _random((int(kv_indptr[-1]), hkv, d), dtype, rng)
+    wrapper = cpattn.BatchPrefillRagged()
+    plan = lambda: wrapper.plan(qo_indptr, kv_indptr, hq, hkv, d, causal=causal)
+    plan_us = host_us(plan, 10)
+    out = cupy.empty(q.shape, dtype)
+    run = lambda: wrapper.run(q, k, v, out=out)
+    ms, spread = time_ms(run)
+    flops = _prefill_flops(qo_lens, kv_lens, hq, d, causal)
+    row = dict(case=name, unit="TFLOP/s", value=flops / ms / 1e9, ms=ms, spread_ms=spread,
+               plan_us=plan_us, run_us=host_us(run, 20))
+    row["pct_ceiling"] = 100 * row["value"] / ceil["matmul_bf16_TFLOPs"]
+    # Sample check: the last 64 queries of request 0, first GQA group.
+    g = hq // hkv
+    q0, k0, v0 = (cupy.asnumpy(x) for x in (q[:qo_lens[0]], k[:kv_lens[0]], v[:kv_lens[0]]))
+    tail = min(64, qo_lens[0])
+    ref, _ = reference.attend(q0[-tail:, :g], k0[:, :1], v0[:, :1], causal=causal)
+    row["rel_err"] = _rel_err(cupy.asnumpy(out[qo_lens[0] - tail:qo_lens[0], :g]), ref)
+    row["peers"] = peers_kind(q, k, v, qo_indptr, kv_indptr, qo_lens, (hq, hkv, d), causal,
+                              flops, time_ms) if peers else {}
+    return row
+
+
+def _sdpa_peers(q, k, v, qo_indptr, kv_indptr, qo_lens, dims, causal, flops, time_ms):
+    """Torch SDPA (FlashAttention-2 and cuDNN backends) on the dense [B, H, S, D] equivalent."""
+    torch = _torch()
+    if torch is None:
+        return {}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    hq, hkv, d = dims
+    b, s = len(qo_lens), qo_lens[0]
+    tq = torch.from_dlpack(q).view(b, s, hq, d).transpose(1, 2)
+    tk = torch.from_dlpack(k).view(b, s, hkv, d).transpose(1, 2)
+    tv = torch.from_dlpack(v).view(b, s, hkv, d).transpose(1, 2)
+    found = {}
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                          ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                fn = lambda: torch.nn.functional.scaled_dot_product_attention(
+                    tq, tk, tv, is_causal=causal, enable_gqa=hq != hkv)
+                ms, _ = time_ms(fn)
+            found[name] = flops / ms / 1e9
+        except RuntimeError:  # backend unavailable for this shape
+            found[name] = None
+    return found
+
+
+def _flashinfer_ragged_peers(q, k, v, qo_indptr, kv_indptr, qo_lens, dims, causal, flops, time_ms):
+    torch, fi = _torch(), _flashinfer()
+    if torch is None or fi is None:
+        return {}
+    hq, hkv, d = dims
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    wrapper = fi.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD")
+    dev = lambda x: torch.from_dlpack(cupy.asarray(x))
+    tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+    wrapper.plan(dev(qo_indptr), dev(kv_indptr), hq, hkv, d, causal=causal, q_data_type=tq.dtype)
+    ms, _ = time_ms(lambda: wrapper.run(tq, tk, tv))
+    return {"flashinfer": flops / ms / 1e9}
+
+
+def prefill(case, peers, time_ms, host_us, ceil):
+    """Dense prefill: B requests of S queries over their own S keys."""
+    b, s = case["batch"], case["seq_len"]
+    hq, hkv, d = case.get("qo_heads", 32), case.get("kv_heads", 32), case.get("head_dim", 128)
+    causal = case.get("causal", False)
+    name = f"B{b} S{s} {hq}/{hkv} hd{d}{' causal' if causal else ''}"
+    return _ragged_case([s] * b, [s] * b, hq, hkv, d, causal, DTYPES[case.get("dtype", "float16")],
+                        _sdpa_peers, peers, time_ms, host_us, ceil, name)
+
+
+def ragged(case, peers, time_ms, host_us, ceil):
+    """Ragged prefill: requests with lengths uniform in [low, high], qo_len == kv_len."""
+    lens = np.random.default_rng(case.get("seed", 0)).integers(
+        case["low"], case["high"] + 1, case["batch"]).tolist()
+    hq, hkv, d = case.get("qo_heads", 32), case.get("kv_heads", 8), case.get("head_dim", 128)
+    causal = case.get("causal", True)
+    name = (f"{case['batch']} x [{case['low']}, {case['high']}] {hq}/{hkv} hd{d}"
+            f"{' causal' if causal else ''}")
+    return _ragged_case(lens, lens, hq, hkv, d, causal, DTYPES[case.get("dtype", "float16")],
+                        _flashinfer_ragged_peers, peers, time_ms, host_us, ceil, name)
+
+
+SUITES = {"decode": decode, "prefill": prefill, "ragged": ragged}

@@ -1,0 +1,193 @@
+"""The launch side of ``batch_attention``: its parameter struct, the device plan buffer, and run().
+
+Every attention entry point (single, ragged, paged, decode) comes down to the same kernel: a plan
+(request-level index arrays plus a work list of items, packed into one device buffer) and a run
+(pointers and strides of q, k, v and the outputs, then one launch, plus a merge when split).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from . import _arrays as A
+from . import _kernels, _tiles
+
+LOG2E = 1.4426950408889634
+
+_PTR_FIELDS = ("q", "k", "v", "o", "lse", "partial_o", "partial_lse", "qo_indptr", "kv_indptr",
+               "kv_indices", "kv_lens", "mask", "mask_indptr", "num_items", "item_request",
+               "item_q_start", "item_kv_start", "item_kv_end")
+_STRIDE_FIELDS = ("q_stride_token", "q_stride_head", "k_stride_page", "k_stride_slot",
+                  "k_stride_head", "v_stride_page", "v_stride_slot", "v_stride_head")
+_INT_FIELDS = ("num_qo_heads", "group_size", "page_size", "causal", "window_left")
+_FLOAT_FIELDS = ("logits_scale", "soft_cap_log2")
+#: ``AttentionParams`` of kernels_cu/common/attention_params.cuh, field by field (C layout).
+PARAMS_DTYPE = np.dtype([(f, np.uint64) for f in _PTR_FIELDS] +
+                        [(f, np.int64) for f in _STRIDE_FIELDS] +
+                        [(f, np.int32) for f in _INT_FIELDS] +
+                        [(f, np.float32) for f in _FLOAT_FIELDS], align=True)
+
+#: The arrays of a plan, in the order they are packed into the device buffer.
+PLAN_ARRAYS = ("num_items", "item_request", "item_q_start", "item_kv_start", "item_kv_end",
+               "qo_indptr", "kv_indptr", "kv_indices", "kv_lens", "mask_indptr", "merge_indptr")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-plan attention options (everything but the shapes)."""
+    causal: bool = False
+    sm_scale: Optional[float] = None
+    window_left: int = -1
+    logits_soft_cap: float = 0.0
+
+    def check(self, has_mask: bool) -> None:
+        if self.causal and has_mask:
+            raise ValueError("custom_mask and causal=True are mutually exclusive: a custom mask "
+                             "already says which keys each query sees; encode causality in it")
+        if not isinstance(self.window_left, (int, np.integer)) or self.window_left < -1:
+            raise ValueError(f"window_left must be an int >= -1 (-1: no window); got {self.window_left!r}")
+        if self.logits_soft_cap < 0:
+            raise ValueError(f"logits_soft_cap must be >= 0 (0: off); got {self.logits_soft_cap}")
+        if self.sm_scale is not None and not self.sm_scale > 0:
+            raise ValueError(f"sm_scale must be > 0; got {self.sm_scale}")
+
+    def fill(self, params, head_dim: int) -> None:
+        scale = self.sm_scale if self.sm_scale is not None else head_dim ** -0.5
+        cap = float(self.logits_soft_cap)
+        params["causal"] = int(self.causal)
+        params["window_left"] = self.window_left
+        params["logits_scale"] = scale / cap if cap > 0 else scale * LOG2E
+        params["soft_cap_log2"] = cap * LOG2E
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim not in _tiles.HEAD_DIMS:
+        raise NotImplementedError(f"head_dim {head_dim} is not supported; supported: "
+                                  f"{', '.join(map(str, _tiles.HEAD_DIMS))}")
+
+
+def check_heads(num_qo_heads: int, num_kv_heads: int) -> int:
+    if num_kv_heads <= 0 or num_qo_heads <= 0 or num_qo_heads % num_kv_heads:
+        raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a positive multiple of "
+                         f"num_kv_heads ({num_kv_heads})")
+    return num_qo_heads // num_kv_heads
+
+
+def choose_tiles(head_dim: int, group: int, max_qo_len: int) -> _tiles.TileConfig:
+    """Decode tiles when one CTA's 16 rows hold a request's whole (query, head) block."""
+    decode = _tiles.DECODE[head_dim]
+    if max_qo_len * group <= decode.rows:
+        return decode
+    prefill = _tiles.PREFILL[head_dim]
+    if group > prefill.rows:
+        raise NotImplementedError(f"GQA group size {group} (num_qo_heads / num_kv_heads) is "
+                                  f"over the {prefill.rows} rows of a CTA")
+    return prefill
+
+
+def partition_prefill(qo_lens, kv_lens, queries_per_item: int, causal: bool):
+    """Work list of a prefill: one item per (request, tile of ``queries_per_item`` queries),
+    each over the request's whole key range, the costliest first.
+
+    >>> r, qs, ks, ke = partition_prefill(np.array([3, 0, 5]), np.array([3, 4, 9]), 4, False)
+    >>> r.tolist(), qs.tolist(), ke.tolist()
+    ([2, 2, 0], [0, 4, 0], [9, 9, 3])
+    """
+    qo_lens = np.asarray(qo_lens, dtype=np.int64)
+    kv_lens = np.asarray(kv_lens, dtype=np.int64)
+    tiles = -(-qo_lens // queries_per_item)
+    request = np.repeat(np.arange(len(qo_lens)), tiles)
+    first_tile = np.repeat(np.cumsum(tiles) - tiles, tiles)
+    q_start = (np.arange(len(request)) - first_tile) * queries_per_item
+    kv_end = kv_lens[request]
+    cost = kv_end
+    if causal:  # keys visible to the tile's last query
+        last = np.minimum(q_start + queries_per_item, qo_lens[request])
+        cost = np.clip(last + kv_end - qo_lens[request], 0, kv_end)
+    order = np.argsort(-cost, kind="stable")
+    as32 = lambda x: np.ascontiguousarray(x[order], dtype=np.int32)
+    return as32(request), as32(q_start), np.zeros(len(order), np.int32), as32(kv_end)
+
+
+class PlanBuffer:
+    """The plan's int32 arrays in one device buffer, sent by one async copy from pinned memory.
+
+    With ``capacities`` (CUDA graphs) the layout is fixed, so the device pointers a captured
+    graph holds stay valid across plans; otherwise the buffer grows as needed.
+    """
+
+    def __init__(self, capacities: Optional[dict] = None):
+        self.capacities = capacities
+        self._device = None
+        self._host = None
+        self._copied = None  # event after the last copy: the pinned buffer is free again
+
+    def upload(self, arrays: dict, stream=None) -> dict:
+        """Copy ``arrays`` (name -> 1-D int32 NumPy) to the device; return name -> pointer."""
+        import cupy
+        sizes = self.capacities or {n: len(a) for n, a in arrays.items()}
+        for name, arr in arrays.items():
+            if len(arr) > sizes.get(name, -1):
+                raise ValueError(f"{name} needs {len(arr)} entries but the fixed plan buffer "
+                                 f"holds {sizes.get(name, 0)}; raise the maximum given at "
+                                 "construction")
+        offsets, total = {}, 0
+        for name in PLAN_ARRAYS:
+            if name in sizes:
+                offsets[name] = total
+                total += -(-max(sizes[name], 1) // 4) * 4  # 16-byte aligned sub-arrays
+        if self._device is None or self._device.size < total:
+            self._device = cupy.empty(total if self.capacities else int(total * 1.5) + 64, np.int32)
+            self._host = np.frombuffer(cupy.cuda.alloc_pinned_memory(self._device.nbytes),
+                                       np.int32, self._device.size)
+        if self._copied is not None:
+            self._copied.synchronize()
+        for name, arr in arrays.items():
+            self._host[offsets[name]:offsets[name] + len(arr)] = arr
+        stream = stream or cupy.cuda.get_current_stream()
+        self._device.data.copy_from_host_async(self._host.ctypes.data, total * 4, stream)
+        self._copied = stream.record()
+        base = self._device.data.ptr
+        return {name: base + 4 * off if name in arrays else 0 for name, off in offsets.items()}
+
+
+def kv_strides(pool, kv_layout: str, paged: bool) -> tuple[int, int, int]:
+    """(page, slot, head) element strides of a K or V pool / ragged array."""
+    s = A.element_strides(pool)
+    if not paged:  # ragged [tokens, H, D] or single-request HND [H, tokens, D]
+        return (0, s[0], s[1]) if kv_layout == "NHD" else (0, s[1], s[0])
+    return (s[0], s[1], s[2]) if kv_layout == "NHD" else (s[0], s[2], s[1])
+
+
+_SMEM_SET: set = set()
+
+
+def _attention_kernel(cfg: _tiles.TileConfig, dtype, head_dim: int):
+    """The compiled kernel, its dynamic shared-memory limit raised once."""
+    kernel = _kernels.get_kernel("batch_attention",
+                                 cfg.targs(_kernels.CTYPES[A.dtype_name(dtype)], head_dim))
+    if id(kernel) not in _SMEM_SET:
+        kernel.max_dynamic_shared_size_bytes = cfg.smem_bytes(head_dim)
+        _SMEM_SET.add(id(kernel))
+    return kernel
+
+
+def preload(cfg: _tiles.TileConfig, dtype, head_dim: int, merge: bool = False) -> None:
+    """Compile and load what run() will launch, so that run() (and a graph capture of it)
+    never compiles."""
+    _attention_kernel(cfg, dtype, head_dim)
+    if merge:
+        _kernels.get_kernel("merge_state", ("float", _kernels.CTYPES[A.dtype_name(dtype)]))
+
+
+def launch(params, cfg: _tiles.TileConfig, dtype, head_dim: int, grid_items: int,
+           num_kv_heads: int, stream=None) -> None:
+    import cupy
+    if grid_items == 0:
+        return
+    kernel = _attention_kernel(cfg, dtype, head_dim)
+    with stream or cupy.cuda.get_current_stream():
+        kernel((grid_items, num_kv_heads), (cfg.threads,), (params,),
+               shared_mem=cfg.smem_bytes(head_dim))

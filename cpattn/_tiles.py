@@ -1,0 +1,51 @@
+"""Tile shapes of the attention kernels: defined here once, checked by static_assert in CUDA.
+
+``batch_attention_kernel<T, HEAD_DIM, WARPS_Q, WARPS_KV, TILE, STAGES>``: a CTA holds
+``16 * WARPS_Q`` packed (query, head) rows and streams keys ``TILE`` at a time through ``STAGES``
+shared-memory buffers; ``WARPS_KV`` warps split each tile's keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HEAD_DIMS = (64, 128, 256)
+ATTENTION_CTYPES = ("half", "__nv_bfloat16")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    warps_q: int
+    warps_kv: int
+    tile: int
+    stages: int
+
+    @property
+    def rows(self) -> int:
+        """Packed (query, head) rows of one CTA."""
+        return 16 * self.warps_q
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_q * self.warps_kv
+
+    def smem_bytes(self, head_dim: int) -> int:
+        """Dynamic shared memory: Q rows + K/V stages, or the cross-warp merge if larger."""
+        row = head_dim * 2
+        pipeline = self.rows * row + 2 * self.stages * self.tile * row
+        merge = self.warps_kv * self.warps_q * (head_dim // 2 + 4) * 32 * 4 if self.warps_kv > 1 else 0
+        return max(pipeline, merge)
+
+    def targs(self, ctype: str, head_dim: int) -> tuple[str, ...]:
+        return (ctype, str(head_dim), str(self.warps_q), str(self.warps_kv), str(self.tile),
+                str(self.stages))
+
+
+#: Many queries per request: four warps of 16 rows each, one tile of keys shared by all of them.
+PREFILL = {64: TileConfig(4, 1, 64, 2), 128: TileConfig(4, 1, 64, 2), 256: TileConfig(4, 1, 32, 2)}
+#: One query (or a few) per request: the GQA group fills the 16 rows; four warps split the keys.
+DECODE = {64: TileConfig(1, 4, 64, 4), 128: TileConfig(1, 4, 64, 3), 256: TileConfig(1, 4, 64, 2)}
+
+
+def attention_variants() -> list[tuple[str, ...]]:
+    return [cfg[d].targs(t, d) for t in ATTENTION_CTYPES for d in HEAD_DIMS
+            for cfg in (PREFILL, DECODE)]

@@ -1,0 +1,283 @@
+"""Dense and ragged attention: single_prefill, single_decode, varlen_attention, BatchPrefillRagged.
+
+All of them run ``batch_attention`` on CuPy inputs and ``cpattn.reference`` on NumPy inputs.
+Shapes (NHD): q ``[total_q, num_qo_heads, head_dim]``, k / v ``[total_kv, num_kv_heads, head_dim]``;
+``kv_layout="HND"`` (single request only) takes k / v as ``[num_kv_heads, kv_len, head_dim]``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _arrays as A
+from . import _core, mask as mask_mod, reference
+from ._core import Options
+
+
+def _check_layout(kv_layout: str) -> None:
+    if kv_layout not in ("NHD", "HND"):
+        raise ValueError(f'kv_layout must be "NHD" or "HND"; got {kv_layout!r}')
+
+
+def _check_qkv(q, k, v, kv_layout: str):
+    """Shapes, dtypes and strides of q [n, Hq, D] and k / v; returns (Hq, Hkv, D)."""
+    A.check_dtype(q, "q", A.ATTENTION_DTYPES)
+    for name, x in (("k", k), ("v", v)):
+        A.check_same_dtype(x, name, q, "q")
+    if q.ndim != 3:
+        raise ValueError(f"q must have shape [total_q, num_qo_heads, head_dim]; got {tuple(q.shape)}")
+    if k.ndim != 3:
+        raise ValueError(f"k must have 3 dimensions ({kv_layout}); got {tuple(k.shape)}")
+    A.check_shape(v, "v", tuple(k.shape), "the shape of k")
+    num_kv_heads = k.shape[1] if kv_layout == "NHD" else k.shape[0]
+    head_dim = q.shape[2]
+    if k.shape[2] != head_dim:
+        raise ValueError(f"k must have head_dim {head_dim} (that of q); got {k.shape[2]}")
+    _core.check_heads(q.shape[1], num_kv_heads)
+    return q.shape[1], num_kv_heads, head_dim
+
+
+def _check_strides(**arrays) -> None:
+    for name, x in arrays.items():
+        A.check_last_dim_contiguous(x, name)
+        A.check_vector_aligned(x, name)
+
+
+class BatchPrefillRagged:
+    """Attention of a batch of requests over ragged (packed) keys: plan once, run every layer.
+
+    ``plan(qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim, *, causal=False,
+    custom_mask=None, packed_custom_mask=None, mask_indptr=None, window_left=-1,
+    logits_soft_cap=0.0, sm_scale=None)`` takes host int32 indptr arrays ``[batch + 1]``;
+    ``run(q, k, v, *, return_lse=False, out=None)`` takes q ``[qo_indptr[-1], Hq, D]`` and k / v
+    ``[kv_indptr[-1], Hkv, D]``. Request b's queries are rows ``qo_indptr[b]:qo_indptr[b+1]`` and
+    its keys rows ``kv_indptr[b]:kv_indptr[b+1]``.
+    """
+
+    def __init__(self):
+        self._plan = None
+        self._buffer = _core.PlanBuffer()
+
+    def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim, *, causal=False,
+             custom_mask=None, packed_custom_mask=None, mask_indptr=None, window_left=-1,
+             logits_soft_cap=0.0, sm_scale=None, stream=None):
+        options = Options(causal, sm_scale, window_left, logits_soft_cap)
+        mask = (custom_mask, packed_custom_mask, mask_indptr)
+        self._plan = plan_ragged(self._buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads,
+                                 head_dim, options, mask, stream)
+
+    def run(self, q, k, v, *, return_lse=False, out=None, stream=None):
+        if self._plan is None:
+            raise RuntimeError("run() before plan(): plan the batch first")
+        plan = self._plan
+        arrs, on_gpu = A.intake_all({"q": q, "k": k, "v": v, "out": out})
+        q, k, v, out = arrs.values()
+        if not on_gpu:
+            raise TypeError("BatchPrefillRagged runs CuPy (GPU) arrays; for NumPy arrays use "
+                            "varlen_attention, which runs the reference")
+        hq, hkv = plan["heads"]
+        d = plan["head_dim"]
+        A.check_dtype(q, "q", A.ATTENTION_DTYPES)
+        A.check_shape(q, "q", (plan["total_q"], hq, d), "[qo_indptr[-1], num_qo_heads, head_dim]")
+        for name, x in (("k", k), ("v", v)):
+            A.check_same_dtype(x, name, q, "q")
+            A.check_shape(x, name, (plan["total_kv"], hkv, d),
+                          "[kv_indptr[-1], num_kv_heads, head_dim]")
+        _check_strides(q=q, k=k, v=v)
+        out, lse = _outputs(q, out, return_lse)
+        run_plan(plan, q, k, v, out, lse, "NHD", paged=False, stream=stream)
+        return (out, lse) if return_lse else out
+
+
+def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim,
+                options: Options, mask, stream=None) -> dict:
+    """Validate, build the work list and upload it; the plan dict run_plan() launches."""
+    custom_mask, packed_custom_mask, mask_indptr = mask
+    options.check(custom_mask is not None or packed_custom_mask is not None)
+    _core.check_head_dim(head_dim)
+    group = _core.check_heads(num_qo_heads, num_kv_heads)
+    qo_indptr = _host_indptr(qo_indptr, "qo_indptr")
+    kv_indptr = _host_indptr(kv_indptr, "kv_indptr")
+    if len(kv_indptr) != len(qo_indptr):
+        raise ValueError(f"kv_indptr must have batch + 1 = {len(qo_indptr)} entries like "
+                         f"qo_indptr; got {len(kv_indptr)}")
+    qo_lens, kv_lens = np.diff(qo_indptr), np.diff(kv_indptr)
+    packed, mask_indptr = _packed_mask(custom_mask, packed_custom_mask, mask_indptr,
+                                       qo_lens, kv_lens)
+    cfg = _core.choose_tiles(head_dim, group, int(qo_lens.max(initial=0)))
+    request, q_start, kv_start, kv_end = _core.partition_prefill(qo_lens, kv_lens,
+                                                                 cfg.rows // group, options.causal)
+    arrays = dict(num_items=np.array([len(request)], np.int32), item_request=request,
+                  item_q_start=q_start, item_kv_start=kv_start, item_kv_end=kv_end,
+                  qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_lens=_as32(kv_lens))
+    if packed is not None:
+        arrays["mask_indptr"] = mask_indptr
+    params = np.zeros((), _core.PARAMS_DTYPE)
+    for name, ptr in buffer.upload(arrays, stream).items():
+        if name in params.dtype.names:
+            params[name] = ptr
+    device_mask = None
+    if packed is not None:
+        import cupy
+        device_mask = packed if A.is_gpu(packed) else cupy.asarray(packed)
+        params["mask"] = device_mask.data.ptr
+    params["num_qo_heads"] = num_qo_heads
+    params["group_size"] = group
+    options.fill(params, head_dim)
+    return dict(params=params, cfg=cfg, items=len(request), total_q=int(qo_indptr[-1]),
+                total_kv=int(kv_indptr[-1]), heads=(num_qo_heads, num_kv_heads),
+                head_dim=head_dim, mask=device_mask)
+
+
+def single_prefill(q, k, v, *, causal=False, sm_scale=None, window_left=-1, logits_soft_cap=0.0,
+                   custom_mask=None, kv_layout="NHD", return_lse=False, stream=None):
+    """Attention of one request: q ``[qo_len, Hq, D]``, k / v ``[kv_len, Hkv, D]`` (NHD) or
+    ``[Hkv, kv_len, D]`` (HND); custom_mask bool ``[qo_len, kv_len]``. Returns out
+    ``[qo_len, Hq, D]`` in q's dtype (and lse ``[qo_len, Hq]`` float32 with return_lse)."""
+    _check_layout(kv_layout)
+    arrs, on_gpu = A.intake_all({"q": q, "k": k, "v": v, "custom_mask": custom_mask})
+    q, k, v, custom_mask = arrs.values()
+    hq, hkv, d = _check_qkv(q, k, v, kv_layout)
+    options = Options(causal, sm_scale, window_left, logits_soft_cap)
+    if not on_gpu:
+        options.check(custom_mask is not None)
+        o, lse = reference.single_prefill(q, k, v, causal=causal, sm_scale=sm_scale,
+                                          window_left=window_left, logits_soft_cap=logits_soft_cap,
+                                          custom_mask=custom_mask, kv_layout=kv_layout)
+        return _host_result(o, lse, q.dtype, return_lse)
+    _check_strides(q=q, k=k, v=v)
+    kv_len = k.shape[0] if kv_layout == "NHD" else k.shape[1]
+    qo_indptr = np.array([0, q.shape[0]], np.int32)
+    kv_indptr = np.array([0, kv_len], np.int32)
+    plan = plan_ragged(_core.PlanBuffer(), qo_indptr, kv_indptr, hq, hkv, d, options,
+                       (custom_mask, None, None), stream)
+    out, lse = _outputs(q, None, return_lse)
+    run_plan(plan, q, k, v, out, lse, kv_layout, paged=False, stream=stream)
+    return (out, lse) if return_lse else out
+
+
+def single_decode(q, k, v, *, sm_scale=None, window_left=-1, logits_soft_cap=0.0,
+                  kv_layout="NHD", return_lse=False, stream=None):
+    """Decode attention of one request: q ``[Hq, D]`` against k / v as in single_prefill.
+    Returns out ``[Hq, D]`` (and lse ``[Hq]``)."""
+    q = A.intake(q, "q")
+    if q.ndim != 2:
+        raise ValueError(f"q must have shape [num_qo_heads, head_dim]; got {tuple(q.shape)}")
+    res = single_prefill(q[None], k, v, sm_scale=sm_scale, window_left=window_left,
+                         logits_soft_cap=logits_soft_cap, kv_layout=kv_layout,
+                         return_lse=return_lse, stream=stream)
+    return (res[0][0], res[1][0]) if return_lse else res[0]
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, sm_scale=None,
+                     window_left=-1, logits_soft_cap=0.0, custom_mask=None,
+                     packed_custom_mask=None, mask_indptr=None, return_lse=False, stream=None):
+    """FlashAttention-style variable-length attention: packed q ``[total_q, Hq, D]``, k / v
+    ``[total_k, Hkv, D]``, ``cu_seqlens_*`` int32 ``[batch + 1]`` (lengths [2, 3, 1] give
+    [0, 2, 5, 6]). Plans and runs in one call: a serving loop should hold a BatchPrefillRagged."""
+    arrs, on_gpu = A.intake_all({"q": q, "k": k, "v": v})
+    if not on_gpu:
+        q, k, v = arrs.values()
+        _check_qkv(q, k, v, "NHD")
+        Options(causal, sm_scale, window_left, logits_soft_cap).check(
+            custom_mask is not None or packed_custom_mask is not None)
+        o, lse = reference.ragged_prefill(
+            q, k, v, np.asarray(cu_seqlens_q), np.asarray(cu_seqlens_k), causal=causal,
+            sm_scale=sm_scale, window_left=window_left, logits_soft_cap=logits_soft_cap,
+            custom_mask=custom_mask, packed_custom_mask=packed_custom_mask, mask_indptr=mask_indptr)
+        return _host_result(o, lse, q.dtype, return_lse)
+    q, k, v = arrs.values()
+    hq, hkv, d = _check_qkv(q, k, v, "NHD")
+    wrapper = BatchPrefillRagged()
+    wrapper.plan(cu_seqlens_q, cu_seqlens_k, hq, hkv, d, causal=causal, custom_mask=custom_mask,
+                 packed_custom_mask=packed_custom_mask, mask_indptr=mask_indptr,
+                 window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
+                 stream=stream)
+    return wrapper.run(q, k, v, return_lse=return_lse, stream=stream)
+
+
+def _host_result(o, lse, dtype, return_lse):
+    o = o.astype(dtype)
+    return (o, lse.astype(np.float32)) if return_lse else o
+
+
+def run_plan(plan, q, k, v, out, lse, kv_layout, paged, stream=None) -> None:
+    """Fill the run-time fields of the plan's params and launch."""
+    params = plan["params"]
+    params["q"], params["k"], params["v"] = q.data.ptr, k.data.ptr, v.data.ptr
+    params["o"] = out.data.ptr
+    params["lse"] = lse.data.ptr if lse is not None else 0
+    qs = A.element_strides(q)
+    params["q_stride_token"], params["q_stride_head"] = qs[0], qs[1]
+    for prefix, x in (("k", k), ("v", v)):
+        page, slot, head = _core.kv_strides(x, kv_layout, paged)
+        params[f"{prefix}_stride_page"], params[f"{prefix}_stride_slot"] = page, slot
+        params[f"{prefix}_stride_head"] = head
+    _core.launch(params, plan["cfg"], q.dtype, plan["head_dim"], plan["items"],
+                 plan["heads"][1], stream)
+
+
+def _outputs(q, out, return_lse):
+    import cupy
+    if out is None:
+        out = cupy.empty(q.shape, q.dtype)
+    else:
+        A.check_same_dtype(out, "out", q, "q")
+        A.check_shape(out, "out", tuple(q.shape), "the shape of q")
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous")
+    lse = cupy.empty(q.shape[:2], np.float32) if return_lse else None
+    return out, lse
+
+
+def _host_indptr(indptr, name: str) -> np.ndarray:
+    """An int32 host copy of an indptr (a CuPy one is copied back: that syncs)."""
+    indptr = A.intake(indptr, name)
+    if A.is_gpu(indptr):
+        import cupy
+        indptr = cupy.asnumpy(indptr)
+    A.check_index(indptr, name)
+    if len(indptr) < 1 or indptr[0] != 0:
+        raise ValueError(f"{name} must start at 0; got {indptr[:1].tolist()}")
+    steps = np.diff(indptr)
+    if (steps < 0).any():
+        i = int(np.argmax(steps < 0))
+        raise ValueError(f"{name} must be non-decreasing; {name}[{i}]={indptr[i]} > "
+                         f"{name}[{i + 1}]={indptr[i + 1]}")
+    return np.ascontiguousarray(indptr)
+
+
+def _packed_mask(custom_mask, packed_custom_mask, mask_indptr, qo_lens, kv_lens):
+    """(packed uint8 mask, int32 mask_indptr in bytes) or (None, None)."""
+    if custom_mask is not None and packed_custom_mask is not None:
+        raise ValueError("give custom_mask or packed_custom_mask (with mask_indptr), not both")
+    if custom_mask is not None:
+        flat = A.intake(custom_mask, "custom_mask")
+        if A.is_gpu(flat):
+            import cupy
+            flat = cupy.asnumpy(flat)
+        flat = flat.reshape(-1)
+        expected = int((qo_lens * kv_lens).sum())
+        if flat.size != expected:
+            raise ValueError(f"custom_mask must hold sum(qo_len * kv_len) = {expected} entries "
+                             f"(each request's [qo_len, kv_len] block, flattened); got {flat.size}")
+        return mask_mod.pack_flat(flat, _as32(indptr_from(qo_lens)), _as32(indptr_from(kv_lens)))
+    if packed_custom_mask is not None:
+        if mask_indptr is None:
+            raise ValueError("packed_custom_mask needs mask_indptr (bytes, [batch + 1])")
+        packed = A.intake(packed_custom_mask, "packed_custom_mask")
+        host = packed
+        if A.is_gpu(packed):
+            import cupy
+            host = cupy.asnumpy(packed)
+        mask_indptr = np.asarray(A.intake(mask_indptr, "mask_indptr"))
+        mask_mod.validate_packed(host, mask_indptr, qo_lens, kv_lens)
+        return packed, mask_indptr.astype(np.int32)
+    return None, None
+
+
+def indptr_from(lengths) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths)])
+
+
+def _as32(x) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.int32)

@@ -1,0 +1,203 @@
+"""BatchDecode: one new query per request against its paged KV cache, plan once, run every layer.
+
+The plan cuts long requests into key chunks when the batch alone would not fill the GPU
+(split-KV); each chunk's partial state goes to an fp32 buffer and a merge kernel combines them.
+With ``use_cuda_graph=True`` every device buffer has a fixed size and address, the launch grid is
+fixed and the split path is always taken, so a ``run()`` captured in a ``cupy.cuda.Graph`` can be
+replayed after any later ``plan()`` within the maxima given at construction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _arrays as A
+from . import _core, planner
+from ._core import Options
+from .attention import _check_layout, run_plan
+from .merge import merge_varlen_into
+
+_INT32_MAX = 2 ** 31 - 1
+_SMEM_PER_SM = 227 * 1024  # usable shared memory of one SM (Ampere A100 163 KB: fewer CTAs fit)
+
+
+@dataclass(frozen=True)
+class GraphLimits:
+    """Maxima of a CUDA-graph BatchDecode: its buffers are sized for them once."""
+    max_batch_size: int
+    max_num_pages: int  # entries of kv_indices
+    max_items: int = 0  # work items (0: 2 * num_SMs, at least max_batch_size)
+
+
+class BatchDecode:
+    """Batch decode over a paged KV cache.
+
+    ``plan(kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
+    page_size, *, kv_lens=None, window_left=-1, logits_soft_cap=0.0, sm_scale=None,
+    dtype="float16", kv_layout="NHD")`` takes the page table on the host (int32:
+    ``kv_indptr [batch + 1]``, ``kv_indices [kv_indptr[-1]]``, and ``kv_last_page_len [batch]``
+    or ``kv_lens [batch]``). ``run(q, kv, *, return_lse=False, out=None)`` takes
+    q ``[batch, num_qo_heads, head_dim]`` and ``kv``, a ``PagedKVCache`` or a pair
+    ``(k_pages, v_pages)`` of pools ``[num_pages, page_size, num_kv_heads, head_dim]`` (NHD) or
+    ``[num_pages, num_kv_heads, page_size, head_dim]`` (HND); it returns out
+    ``[batch, num_qo_heads, head_dim]`` (and lse ``[batch, num_qo_heads]`` float32).
+    """
+
+    def __init__(self, *, use_cuda_graph=False, max_batch_size=None, max_num_pages=None,
+                 max_items=0):
+        import cupy
+        self._num_sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        self._limits = None
+        capacities = None
+        if use_cuda_graph:
+            if not max_batch_size or not max_num_pages:
+                raise ValueError("use_cuda_graph=True needs max_batch_size and max_num_pages: "
+                                 "the buffers a captured graph uses are sized once")
+            items = max_items or max(2 * self._num_sms, max_batch_size)
+            self._limits = GraphLimits(max_batch_size, max_num_pages, items)
+            capacities = dict(num_items=1, item_request=items, item_q_start=items,
+                              item_kv_start=items, item_kv_end=items, qo_indptr=max_batch_size + 1,
+                              kv_indptr=max_batch_size + 1, kv_indices=max_num_pages,
+                              kv_lens=max_batch_size, merge_indptr=max_batch_size + 1)
+        self._buffer = _core.PlanBuffer(capacities)
+        self._plan = None
+        self._partials = None  # (partial_o, partial_lse), grown as needed (fixed with graphs)
+        self._outputs = None   # graph mode: (out, lse) of max_batch_size rows
+
+    def plan(self, kv_indptr, kv_indices, kv_last_page_len=None, num_qo_heads=None,
+             num_kv_heads=None, head_dim=None, page_size=None, *, kv_lens=None, window_left=-1,
+             logits_soft_cap=0.0, sm_scale=None, dtype="float16", kv_layout="NHD", stream=None):
+        _check_layout(kv_layout)
+        options = Options(False, sm_scale, window_left, logits_soft_cap)
+        options.check(False)
+        _core.check_head_dim(head_dim)
+        group = _core.check_heads(num_qo_heads, num_kv_heads)
+        dtype = np.dtype(A.BFLOAT16 if str(dtype) == "bfloat16" else dtype)
+        if dtype not in A.ATTENTION_DTYPES:
+            raise ValueError(f"dtype must be float16 or bfloat16; got {A.dtype_name(dtype)}")
+        kv_indptr = planner.host_index(kv_indptr, "kv_indptr")
+        kv_indices = planner.host_index(kv_indices, "kv_indices")
+        kv_lens = planner.check_page_table(kv_indptr, kv_indices, _INT32_MAX, page_size,
+                                           kv_lens=kv_lens, kv_last_page_len=kv_last_page_len)
+        batch = len(kv_lens)
+        cfg = _core.choose_tiles(head_dim, group, 1)
+        ctas_per_sm = max(1, min(4, _SMEM_PER_SM // cfg.smem_bytes(head_dim)))
+        limits = self._limits
+        work = planner.partition_decode(kv_lens, num_kv_heads, num_sms=self._num_sms,
+                                        ctas_per_sm=ctas_per_sm, tile=cfg.tile,
+                                        max_items=limits.max_items if limits else None)
+        split = work.split or limits is not None
+        merge_indptr = work.merge_indptr
+        if limits is not None:
+            if batch > limits.max_batch_size:
+                raise ValueError(f"batch {batch} is over max_batch_size={limits.max_batch_size}")
+            merge_indptr = np.pad(merge_indptr, (0, limits.max_batch_size - batch), mode="edge")
+        arrays = dict(num_items=np.array([work.num_items], np.int32), item_request=work.request,
+                      item_q_start=np.zeros(work.num_items, np.int32), item_kv_start=work.kv_start,
+                      item_kv_end=work.kv_end, qo_indptr=np.arange(batch + 1, dtype=np.int32),
+                      kv_indptr=kv_indptr, kv_indices=kv_indices, kv_lens=kv_lens,
+                      merge_indptr=merge_indptr)
+        params = np.zeros((), _core.PARAMS_DTYPE)
+        pointers = self._buffer.upload(arrays, stream)
+        for name, ptr in pointers.items():
+            if name in params.dtype.names:
+                params[name] = ptr
+        params["num_qo_heads"] = num_qo_heads
+        params["group_size"] = group
+        params["page_size"] = page_size
+        options.fill(params, head_dim)
+        rows_per_item = cfg.rows // group
+        grid = limits.max_items if limits else work.num_items
+        if split:
+            partial_o, partial_lse = self._partial_buffers(grid * rows_per_item, num_qo_heads,
+                                                           head_dim)
+            params["partial_o"], params["partial_lse"] = partial_o.data.ptr, partial_lse.data.ptr
+        self._plan = dict(params=params, cfg=cfg, items=grid, heads=(num_qo_heads, num_kv_heads),
+                          head_dim=head_dim, dtype=dtype, batch=batch, page_size=page_size,
+                          kv_layout=kv_layout, split=split, rows_per_item=rows_per_item,
+                          merge_indptr=pointers["merge_indptr"],
+                          max_page=int(kv_indices.max(initial=-1)))
+        _core.preload(cfg, dtype, head_dim, merge=split)
+
+    def _partial_buffers(self, rows, heads, head_dim):
+        import cupy
+        have = self._partials
+        if have is None or have[0].shape[0] < rows or have[0].shape[1:] != (heads, head_dim):
+            if have is not None and self._limits is not None:
+                raise ValueError("a CUDA-graph BatchDecode keeps one num_qo_heads and head_dim")
+            self._partials = (cupy.empty((rows, heads, head_dim), np.float32),
+                              cupy.empty((rows, heads), np.float32))
+        return self._partials
+
+    def run(self, q, kv, *, return_lse=False, out=None, stream=None):
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("run() before plan(): plan the batch first")
+        k_pages, v_pages = (kv.k_pages, kv.v_pages) if hasattr(kv, "k_pages") else kv
+        arrs, on_gpu = A.intake_all({"q": q, "k_pages": k_pages, "v_pages": v_pages, "out": out})
+        q, k_pages, v_pages, out = arrs.values()
+        if not on_gpu:
+            raise TypeError("BatchDecode runs CuPy (GPU) arrays; cpattn.reference.paged_decode "
+                            "is the NumPy path")
+        self._check_run(q, k_pages, v_pages)
+        out, lse = self._run_outputs(q, out, return_lse)
+        if plan["split"]:
+            # The kernel writes fp32 partial states (params.partial_o is set); merge them.
+            run_plan(plan, q, k_pages, v_pages, out, None, plan["kv_layout"], paged=True,
+                     stream=stream)
+            partial_o, partial_lse = self._partials
+            merge_varlen_into(out, lse, partial_o, partial_lse, plan["rows_per_item"],
+                              plan["merge_indptr"], stream)
+        else:
+            run_plan(plan, q, k_pages, v_pages, out, lse, plan["kv_layout"], paged=True,
+                     stream=stream)
+        if self._limits is not None:
+            out, lse = out[:plan["batch"]], lse[:plan["batch"]]
+        return (out, lse) if return_lse else out
+
+    def _check_run(self, q, k_pages, v_pages) -> None:
+        plan = self._plan
+        hq, hkv = plan["heads"]
+        d, ps = plan["head_dim"], plan["page_size"]
+        if q.dtype != plan["dtype"]:
+            raise ValueError(f"q must have the planned dtype {A.dtype_name(plan['dtype'])}; "
+                             f"got {A.dtype_name(q.dtype)}")
+        A.check_shape(q, "q", (plan["batch"], hq, d), "[batch, num_qo_heads, head_dim]")
+        pool = (None, ps, hkv, d) if plan["kv_layout"] == "NHD" else (None, hkv, ps, d)
+        dims = ("[num_pages, page_size, num_kv_heads, head_dim]" if plan["kv_layout"] == "NHD"
+                else "[num_pages, num_kv_heads, page_size, head_dim]")
+        for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
+            A.check_same_dtype(x, name, q, "q")
+            A.check_shape(x, name, pool, dims)
+            A.check_last_dim_contiguous(x, name)
+            A.check_vector_aligned(x, name)
+            if plan["max_page"] >= x.shape[0]:
+                raise ValueError(f"kv_indices refers to page {plan['max_page']} but {name} has "
+                                 f"{x.shape[0]} pages")
+        A.check_last_dim_contiguous(q, "q")
+        A.check_vector_aligned(q, "q")
+
+    def _run_outputs(self, q, out, return_lse):
+        import cupy
+        plan = self._plan
+        shape = (plan["batch"],) + tuple(q.shape[1:])
+        if self._limits is not None:
+            if out is not None:
+                raise ValueError("a CUDA-graph BatchDecode writes its own fixed output buffer; "
+                                 "out= is not accepted")
+            rows = self._limits.max_batch_size
+            if self._outputs is None or self._outputs[0].shape[1:] != shape[1:] or \
+                    self._outputs[0].dtype != q.dtype:
+                self._outputs = (cupy.empty((rows,) + shape[1:], q.dtype),
+                                 cupy.empty((rows, shape[1]), np.float32))
+            return self._outputs
+        if out is None:
+            out = cupy.empty(shape, q.dtype)
+        else:
+            A.check_same_dtype(out, "out", q, "q")
+            A.check_shape(out, "out", shape, "[batch, num_qo_heads, head_dim]")
+            if not out.flags.c_contiguous:
+                raise ValueError("out must be C-contiguous")
+        lse = cupy.empty(shape[:2], np.float32) if (return_lse or plan["split"]) else None
+        return out, lse

@@ -1,0 +1,409 @@
+"""Host-side planning, in NumPy: index arrays of paged batches and the work list of batch decode.
+
+Everything here runs on the CPU and sees only lengths and page tables, never K/V data. Index
+arrays are int32 NumPy arrays; CuPy arrays are accepted where noted, at the price of a copy to
+the host (which waits for the GPU). Validation errors name the argument, the expected and the
+actual value.
+
+Vocabulary (one request ``b`` of a paged batch):
+
+- ``kv_indptr [batch + 1]``: request ``b`` owns the pages ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``.
+- ``kv_lens [batch]``: its number of tokens; token ``t`` lives in slot ``t % page_size`` of its
+  page ``t // page_size``.
+- ``kv_last_page_len [batch]``: tokens in its last page,
+  ``kv_len = (num_pages - 1) * page_size + last_page_len``; 0 for a request with no pages.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _arrays as A
+
+__all__ = ["DecodeWork", "check_page_table", "cu_seqlens", "last_page_len_from_lens",
+           "lens_from_last_page_len", "partition_decode"]
+
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+# ---- argument intake -------------------------------------------------------------------------
+
+def host_index(x, name: str, length: int | None = None) -> np.ndarray:
+    """``x`` as a host int32 1-D array (``length`` entries when given).
+
+    NumPy arrays and CPU DLPack tensors come in without a copy; a CuPy array (or CUDA DLPack
+    tensor) is copied to the host with ``cupy.asnumpy``, which synchronises with the GPU.
+    """
+    if not isinstance(x, np.ndarray):
+        x = A.intake(x, name)
+        if A.is_gpu(x):
+            x = A.cupy.asnumpy(x)
+    A.check_index(x, name, length)
+    return x
+
+
+def positive_int(x, name: str, minimum: int = 1) -> int:
+    try:
+        value = operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer; got {type(x).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    return value
+
+
+def pages_per_request(kv_indptr: np.ndarray, name: str = "kv_indptr") -> np.ndarray:
+    """``kv_indptr`` (int32 ``[batch + 1]``) checked to start at 0 and never decrease; returns
+    its differences as int64 ``[batch]``."""
+    if kv_indptr.shape[0] < 1:
+        raise ValueError(f"{name} must have batch + 1 >= 1 entries; got 0")
+    if kv_indptr[0] != 0:
+        raise ValueError(f"{name} must start at 0; got {name}[0]={kv_indptr[0]}")
+    # NOTE: differences in int64: an int32 difference of a negative entry can wrap around.
+    wide = kv_indptr.astype(np.int64)
+    counts = wide[1:] - wide[:-1]
+    if counts.size and counts.min() < 0:
+        i = int(np.flatnonzero(counts < 0)[0])
+        raise ValueError(f"{name} must be non-decreasing; "
+                         f"{name}[{i}]={kv_indptr[i]} > {name}[{i + 1}]={kv_indptr[i + 1]}")
+    return counts
+
+
+def _lens_checked(pages: np.ndarray, page_size: int, kv_lens, kv_last_page_len) -> np.ndarray:
+    """kv_lens int32 [batch] from exactly one of the two, both checked against ``pages``
+    (int64 [batch], whose sum is below 2^31)."""
+    if (kv_lens is None) == (kv_last_page_len is None):
+        raise ValueError("give exactly one of kv_lens or kv_last_page_len; "
+                         f"got {'both' if kv_lens is not None else 'neither'}")
+    batch = pages.shape[0]
+    if kv_last_page_len is not None:
+        last = host_index(kv_last_page_len, "kv_last_page_len", batch).astype(np.int64)
+        # Fast path: every entry in [1, page_size]. Otherwise only requests with pages must be.
+        if batch and (last.min() < 1 or last.max() > page_size):
+            bad = ((last < 1) | (last > page_size)) & (pages > 0)
+            if bad.any():
+                b = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"kv_last_page_len[{b}]={last[b]} must be in [1, page_size="
+                                 f"{page_size}] for a request with {pages[b]} pages")
+        lens = (pages - 1) * page_size + last
+        lens *= pages > 0  # a request with no pages holds no token, whatever its entry says
+        if batch and int(pages.sum()) * page_size > _INT32_MAX and lens.max() > _INT32_MAX:
+            b = int(np.argmax(lens))
+            raise ValueError(f"request {b} holds {lens[b]} tokens; kv_lens must fit in int32")
+        return lens.astype(np.int32)
+    lens = host_index(kv_lens, "kv_lens", batch)
+    # A request with p > 0 pages holds kv_len in ((p - 1) * page_size, p * page_size], that is
+    # ceil(kv_len / page_size) == p; one with none holds 0. NOTE: read as uint32, a negative
+    # kv_len becomes > 2^31 and needs more pages than any request has.
+    wide = lens.view(np.uint32).astype(np.int64)
+    if ((wide + (page_size - 1)) // page_size != pages).any():
+        b = int(np.flatnonzero((wide + (page_size - 1)) // page_size != pages)[0])
+        full = (pages[b] - 1) * page_size
+        expected = f"in [{full + 1}, {full + page_size}]" if pages[b] else "0"
+        raise ValueError(f"kv_lens[{b}]={lens[b]} must be {expected} for a request with "
+                         f"{pages[b]} pages of page_size={page_size}")
+    return lens
+
+
+# ---- index arrays ----------------------------------------------------------------------------
+
+def cu_seqlens(lengths) -> np.ndarray:
+    """Exclusive prefix sum of lengths: the indptr of a ragged batch.
+
+    Parameters
+    ----------
+    lengths : array-like of non-negative integers, [n]
+
+    Returns
+    -------
+    int32 [n + 1]: starts at 0, ``out[i + 1] - out[i] == lengths[i]``.
+
+    Example
+    -------
+    >>> cu_seqlens(np.array([2, 3, 1], dtype=np.int32))
+    array([0, 2, 5, 6], dtype=int32)
+    """
+    lengths = np.asarray(lengths)
+    if lengths.ndim != 1 or (lengths.size and lengths.dtype.kind not in "iu"):
+        raise ValueError(f"lengths must be a 1-D integer array; got {lengths.dtype} "
+                         f"of shape {lengths.shape}")
+    out = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    if lengths.size and lengths.min() < 0:
+        i = int(np.flatnonzero(lengths < 0)[0])
+        raise ValueError(f"lengths must be >= 0; got lengths[{i}]={lengths[i]}")
+    if out[-1] > _INT32_MAX:
+        raise ValueError(f"the lengths must sum to at most {_INT32_MAX} (int32); got {out[-1]}")
+    return out.astype(np.int32)
+
+
+def lens_from_last_page_len(kv_indptr, kv_last_page_len, page_size: int) -> np.ndarray:
+    """Tokens per request from the pages it owns and the fill of its last page.
+
+    Parameters
+    ----------
+    kv_indptr : int32 [batch + 1], pages per request as an indptr
+    kv_last_page_len : int32 [batch], in [1, page_size] for a request with pages (ignored for
+        one with none)
+    page_size : int
+
+    Returns
+    -------
+    kv_lens : int32 [batch], ``(pages - 1) * page_size + last`` or 0 for a request with no pages.
+
+    Example
+    -------
+    >>> lens_from_last_page_len(np.array([0, 2, 2, 5], dtype=np.int32),
+    ...                         np.array([3, 0, 4], dtype=np.int32), page_size=4)
+    array([ 7,  0, 12], dtype=int32)
+    """
+    page_size = positive_int(page_size, "page_size")
+    pages = pages_per_request(host_index(kv_indptr, "kv_indptr"))
+    return _lens_checked(pages, page_size, None, kv_last_page_len)
+
+
+def last_page_len_from_lens(kv_indptr, kv_lens, page_size: int) -> np.ndarray:
+    """The inverse of :func:`lens_from_last_page_len`: tokens in each request's last page.
+
+    Parameters
+    ----------
+    kv_indptr : int32 [batch + 1]
+    kv_lens : int32 [batch], in ((pages - 1) * page_size, pages * page_size] for a request with
+        pages, 0 for one with none
+    page_size : int
+
+    Returns
+    -------
+    kv_last_page_len : int32 [batch], in [1, page_size]; 0 for a request with no pages.
+
+    Example
+    -------
+    >>> last_page_len_from_lens(np.array([0, 2, 2, 5], dtype=np.int32),
+    ...                         np.array([7, 0, 12], dtype=np.int32), page_size=4)
+    array([3, 0, 4], dtype=int32)
+    """
+    page_size = positive_int(page_size, "page_size")
+    pages = pages_per_request(host_index(kv_indptr, "kv_indptr"))
+    lens = _lens_checked(pages, page_size, kv_lens, None)
+    return np.where(pages > 0, lens - (pages - 1) * page_size, 0).astype(np.int32)
+
+
+def check_page_table(kv_indptr, kv_indices, num_pages: int, page_size: int, *, kv_lens=None,
+                     kv_last_page_len=None) -> np.ndarray:
+    """Validate the page table of a paged batch; return its token counts.
+
+    Parameters
+    ----------
+    kv_indptr : int32 [batch + 1], starts at 0, non-decreasing, ends at ``len(kv_indices)``
+    kv_indices : int32 [kv_indptr[-1]], page ids in [0, num_pages)
+    num_pages, page_size : int, the pool's
+    kv_lens : int32 [batch], optional
+    kv_last_page_len : int32 [batch], optional; give exactly one of the two.
+
+    NumPy arrays are read in place. CuPy arrays are copied to the host first with
+    ``cupy.asnumpy``, which synchronises with the GPU: prefer host arrays in a serving loop.
+
+    Returns
+    -------
+    kv_lens : int32 [batch]
+
+    Raises
+    ------
+    ValueError naming the first bad entry, e.g.
+    ``kv_indptr must be non-decreasing; kv_indptr[3]=40 > kv_indptr[4]=32``.
+
+    Example
+    -------
+    Two requests with pages [7, 1] and [4] of page_size 4, holding 6 and 2 tokens:
+
+    >>> check_page_table(np.array([0, 2, 3], dtype=np.int32), np.array([7, 1, 4], dtype=np.int32),
+    ...                  num_pages=8, page_size=4, kv_last_page_len=np.array([2, 2], dtype=np.int32))
+    array([6, 2], dtype=int32)
+    """
+    num_pages = positive_int(num_pages, "num_pages")
+    page_size = positive_int(page_size, "page_size")
+    kv_indptr = host_index(kv_indptr, "kv_indptr")
+    kv_indices = host_index(kv_indices, "kv_indices")
+    pages = pages_per_request(kv_indptr)
+    if kv_indptr[-1] != kv_indices.shape[0]:
+        raise ValueError(f"kv_indptr must end at len(kv_indices)={kv_indices.shape[0]}; "
+                         f"got kv_indptr[-1]={kv_indptr[-1]}")
+    check_page_ids(kv_indices, num_pages)
+    return _lens_checked(pages, page_size, kv_lens, kv_last_page_len)
+
+
+def check_page_ids(kv_indices: np.ndarray, num_pages: int, name: str = "kv_indices") -> None:
+    """Every entry of ``kv_indices`` (int32) in [0, num_pages)."""
+    # NOTE: seen as uint32, a negative id is above any valid one: one reduction checks both ends.
+    if kv_indices.size and kv_indices.view(np.uint32).max() >= num_pages:
+        i = int(np.flatnonzero((kv_indices < 0) | (kv_indices >= num_pages))[0])
+        raise ValueError(f"{name}[{i}]={kv_indices[i]} is out of range [0, num_pages={num_pages})")
+
+
+# ---- batch decode work list ------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class DecodeWork:
+    """The work list of batch decode: one CTA per (item, kv head), grid = (num_items, num_kv_heads).
+
+    Attributes
+    ----------
+    request : int32 [num_items], the request of each item; non-decreasing
+    kv_start, kv_end : int32 [num_items], the item's token range [kv_start, kv_end) within its
+        request (``kv_start == kv_end == 0`` for the single item of an empty request)
+    merge_indptr : int32 [batch + 1], the items of request b are rows
+        ``merge_indptr[b]:merge_indptr[b + 1]``; every request has at least one
+    split : bool, True when some request is cut into more than one item (the partial states then
+        need merging)
+    chunk_size : int, a multiple of ``tile``; no item is longer. Item i of a request starts at
+        token ``i * chunk_size``.
+    """
+
+    request: np.ndarray
+    kv_start: np.ndarray
+    kv_end: np.ndarray
+    merge_indptr: np.ndarray
+    split: bool
+    chunk_size: int
+
+    @property
+    def num_items(self) -> int:
+        return self.request.shape[0]
+
+
+def _round_up(x, multiple):
+    return -(-x // multiple) * multiple
+
+
+def partition_decode(kv_lens, num_kv_heads: int, *, num_sms: int, ctas_per_sm: int = 2,
+                     min_chunk: int = 256, tile: int = 16, max_items: int | None = None
+                     ) -> DecodeWork:
+    """Cut the requests of a decode batch into items (kv chunks) that fill the GPU.
+
+    Heuristic. The GPU has ``slots = num_sms * ctas_per_sm`` CTA slots; each item runs
+    ``num_kv_heads`` CTAs, so ``budget = slots // num_kv_heads`` items fill it once.
+
+    - ``batch * num_kv_heads >= slots``: the batch alone fills the GPU, so each request is one
+      item ``[0, kv_len)`` and ``split`` is False.
+    - otherwise (split-KV): ``chunk_size`` is the smallest multiple of ``tile``, at least
+      ``min_chunk``, for which ``sum_b max(1, ceil(kv_len_b / chunk_size)) <= budget``: as many
+      items as fit in one wave, never more. Request b gets ``max(1, ceil(kv_len_b / chunk_size))``
+      items of ``chunk_size`` tokens (its last one shorter), an empty request one empty item.
+      If every request ends up with one item, ``split`` is False.
+
+    With ``split`` False, ``chunk_size`` is the longest request rounded up to ``tile``.
+    Chunks start at multiples of ``chunk_size``: pass ``tile = lcm(tile, page_size)`` for chunks
+    that begin on a page boundary.
+
+    ``max_items`` (the capacity of fixed buffers under CUDA-graph capture) lowers the budget:
+    chunk_size grows until the items fit. If ``batch > max_items`` it cannot fit (every request
+    needs an item): ValueError.
+
+    Parameters
+    ----------
+    kv_lens : int32 [batch], host (a CuPy array is copied to the host, with a sync)
+    num_kv_heads, num_sms, ctas_per_sm, min_chunk, tile : int >= 1
+    max_items : int >= 1, optional
+
+    Returns
+    -------
+    DecodeWork
+
+    Example
+    -------
+    One KV head on a 4-SM GPU with 2 CTAs per SM (budget: 8 items), requests of 1000, 10 and 0
+    tokens, min_chunk 128: chunk_size 176 is the smallest multiple of 16 giving at most 8 items,
+    ceil(1000 / 176) + 1 + 1 = 8 (160 would give 7 + 1 + 1 = 9):
+
+    >>> w = partition_decode(np.array([1000, 10, 0], dtype=np.int32), 1, num_sms=4,
+    ...                      min_chunk=128)
+    >>> w.chunk_size, w.split
+    (176, True)
+    >>> w.request
+    array([0, 0, 0, 0, 0, 0, 1, 2], dtype=int32)
+    >>> w.kv_start
+    array([  0, 176, 352, 528, 704, 880,   0,   0], dtype=int32)
+    >>> w.kv_end
+    array([ 176,  352,  528,  704,  880, 1000,   10,    0], dtype=int32)
+    >>> w.merge_indptr
+    array([0, 6, 7, 8], dtype=int32)
+    """
+    kv_lens = host_index(kv_lens, "kv_lens")
+    num_kv_heads = positive_int(num_kv_heads, "num_kv_heads")
+    slots = positive_int(num_sms, "num_sms") * positive_int(ctas_per_sm, "ctas_per_sm")
+    min_chunk, tile = positive_int(min_chunk, "min_chunk"), positive_int(tile, "tile")
+    batch = kv_lens.shape[0]
+    # NOTE: seen as uint32 a negative length is above 2^31: one reduction finds it or the longest.
+    longest = int(kv_lens.view(np.uint32).max()) if batch else 0
+    if longest > _INT32_MAX:
+        b = int(np.flatnonzero(kv_lens < 0)[0])
+        raise ValueError(f"kv_lens must be >= 0; got kv_lens[{b}]={kv_lens[b]}")
+    budget = slots // num_kv_heads
+    if max_items is not None:
+        max_items = positive_int(max_items, "max_items")
+        if batch > max_items:
+            raise ValueError(f"max_items={max_items} is below batch={batch}: every request "
+                             "needs at least one work item")
+        budget = min(budget, max_items)
+    if batch * num_kv_heads >= slots or batch >= budget or longest == 0:
+        return _one_item_per_request(kv_lens, _round_up(max(longest, 1), tile))
+    # ceil(kv_len / c) == (kv_len - 1) // c + 1 for kv_len >= 1; max(1, .) for an empty one.
+    lens_minus_1 = kv_lens.astype(np.int64)
+    lens_minus_1 -= 1
+    np.maximum(lens_minus_1, 0, out=lens_minus_1)
+    chunk = _fit_chunk(lens_minus_1, int(kv_lens.sum(dtype=np.int64)), budget,
+                       _round_up(min_chunk, tile), tile)
+    if chunk >= longest:
+        return _one_item_per_request(kv_lens, _round_up(longest, tile))
+    items = (lens_minus_1 // chunk).astype(np.int32)
+    items += 1
+    merge_indptr = np.zeros(batch + 1, dtype=np.int32)
+    items.cumsum(out=merge_indptr[1:])
+    request = np.arange(batch, dtype=np.int32).repeat(items)
+    kv_start = np.arange(merge_indptr[-1], dtype=np.int32)
+    kv_start -= merge_indptr[request]  # index of the item within its request
+    kv_start *= np.int32(chunk)
+    # Every item but the last of its request is a whole chunk; the last one ends at kv_len.
+    # (kv_start + chunk may wrap around int32 there, for requests near 2^31 tokens: overwritten.)
+    kv_end = kv_start + np.int32(chunk)
+    kv_end[merge_indptr[1:] - 1] = kv_lens
+    return DecodeWork(request, kv_start, kv_end, merge_indptr, True, int(chunk))
+
+
+def _one_item_per_request(kv_lens: np.ndarray, chunk_size: int) -> DecodeWork:
+    batch = kv_lens.shape[0]
+    rows = np.arange(batch + 1, dtype=np.int32)
+    return DecodeWork(rows[:-1], np.zeros(batch, dtype=np.int32), kv_lens.copy(), rows, False,
+                      int(chunk_size))
+
+
+def _fit_chunk(lens_minus_1: np.ndarray, total_tokens: int, budget: int, smallest: int,
+               tile: int) -> int:
+    """The smallest chunk, a multiple of ``tile`` and >= ``smallest``, that cuts the requests
+    into at most ``budget`` items, ``max(1, ceil(kv_len / chunk))`` each.
+
+    ``lens_minus_1`` is ``max(kv_len - 1, 0)``, int64 [batch]; ``budget > batch``.
+    Request b needs more than k items exactly when ``chunk < ceil(kv_len_b / k)``: call those
+    values its thresholds. A chunk c gives ``batch + #{thresholds > c}`` items, so the smallest
+    chunk that fits is the (budget - batch + 1)-th largest threshold of the batch. Only
+    thresholds >= ``base`` (a lower bound of the answer) are listed: about ``budget`` of them.
+    """
+    room = budget - lens_minus_1.shape[0]  # thresholds allowed above the chunk
+    base = max(smallest, -(-total_tokens // budget))  # items >= total_tokens / chunk
+    # Request b has the thresholds ceil(kv_len / k) >= base for k = 1 .. count[b].
+    # (With base 1, an empty request lists a threshold 1, which no chunk >= 1 is below.)
+    count = lens_minus_1 + 1 if base == 1 else lens_minus_1 // (base - 1)
+    total = int(count.sum())
+    if total <= room:
+        return _round_up(base, tile)
+    k = np.arange(1, total + 1, dtype=np.int64)
+    k -= (count.cumsum() - count).repeat(count)
+    # NOTE: (kv_len - 1) / k in float64 orders exactly like its floor, and its floor is exact
+    # for kv_len < 2^53; float division is several times faster than integer division.
+    quotients = lens_minus_1.repeat(count) / k
+    pick = total - room - 1
+    quotients.partition(pick)
+    exact = int(quotients[pick]) + 1  # ceil(kv_len / k) = floor((kv_len - 1) / k) + 1
+    return _round_up(exact, tile)

@@ -1,0 +1,296 @@
+// batch_attention: softmax(q k^T * sm_scale) v for a batch of requests over ragged or paged keys,
+// on tensor cores (mma.sync m16n8k16, fp32 accumulate). Prefill, chunked prefill and decode alike.
+//
+// Grid: x = work item of the plan (request, first query, key range), y = kv head.
+// Block: WARPS_Q x WARPS_KV warps. A CTA owns ROWS = 16 * WARPS_Q packed rows: row r is query
+// q_start + r / group of its request, for query head kv_head * group + r % group, so each K/V tile
+// brought into shared memory serves the whole GQA group (decode: the group's heads are the rows).
+// Warp (wq, wk) computes rows [16 wq, 16 wq + 16) against keys [wk * WARP_KEYS, +WARP_KEYS) of each
+// tile; the WARPS_KV partial states of a row are merged through shared memory at the end.
+// Tiles of TILE keys stream through STAGES shared-memory buffers with cp.async; keys past the
+// item's range are zero-filled (V included: 0 * NaN would poison the output) and masked.
+#include "common/dtypes.cuh"
+#include "common/state.cuh"
+#include "common/mma.cuh"
+#include "common/attention_params.cuh"
+
+using namespace cpattn;
+
+// Per-thread online-softmax state of the two rows a thread holds (g and g + 8 of its warp's 16).
+template <int HEAD_DIM>
+struct RowsState {
+  float o[HEAD_DIM / 8][4];  // C fragments of O: n-tile of head_dim, then c0..c3
+  float m[2];                // running max (log2 domain) of rows g, g + 8
+  float d[2];                // this thread's part of the running denominators
+};
+
+// Scores of one tile: scale, soft cap, mask. s[n][e] is key (n * 8 + 2c + e % 2) of the warp's
+// keys for row g + 8 * (e / 2).
+template <int WARP_KEYS>
+__device__ __forceinline__ void scores_to_logits(float (&s)[WARP_KEYS / 8][4], const AttentionParams& p,
+                                                 bool masked, int first_key, int kv_end, int row0,
+                                                 int q_start, int diag, int b, int qo_len, int kv_len) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int n = 0; n < WARP_KEYS / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float x = s[n][e];
+      x = p.soft_cap_log2 > 0.f ? p.soft_cap_log2 * tanhf(x * p.logits_scale) : x * p.logits_scale;
+      if (masked) {
+        const int key = first_key + n * 8 + 2 * (lane % 4) + (e % 2);
+        const int query = q_start + (row0 + lane / 4 + 8 * (e / 2)) / p.group_size;
+        bool visible = key < kv_end;
+        if (p.causal) visible &= key <= query + diag;
+        if (p.window_left >= 0) visible &= key >= query + diag - p.window_left;
+        if (p.mask != nullptr && visible && query < qo_len) {
+          const long long bit = static_cast<long long>(p.mask_indptr[b]) * 8 +
+                                static_cast<long long>(query) * kv_len + key;
+          visible = (__ldg(p.mask + (bit >> 3)) >> (bit & 7)) & 1;
+        }
+        x = visible ? x : NEG_INF;  // selected, never added: -inf + NaN would stay NaN
+      }
+      s[n][e] = x;
+    }
+  }
+}
+
+// Online softmax over one tile: new maxima, rescale O and d, scores -> probabilities in place.
+template <int HEAD_DIM, int WARP_KEYS>
+__device__ __forceinline__ void online_softmax(float (&s)[WARP_KEYS / 8][4], RowsState<HEAD_DIM>& st) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float tile_max = NEG_INF;
+#pragma unroll
+    for (int n = 0; n < WARP_KEYS / 8; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
+    const float m_new = fmaxf(st.m[h], tile_max);
+    // A row that has seen no visible key keeps m = -inf: subtract 0 instead, so that
+    // exp2(-inf - m) is 0 and never exp2(-inf + inf) = NaN.
+    const float m_ref = m_new == NEG_INF ? 0.f : m_new;
+    const float rescale = exp2f(st.m[h] - m_ref);
+    st.m[h] = m_new;
+    st.d[h] *= rescale;
+#pragma unroll
+    for (int n = 0; n < HEAD_DIM / 8; ++n) {
+      st.o[n][2 * h] *= rescale;
+      st.o[n][2 * h + 1] *= rescale;
+    }
+#pragma unroll
+    for (int n = 0; n < WARP_KEYS / 8; ++n) {
+      s[n][2 * h] = exp2f(s[n][2 * h] - m_ref);
+      s[n][2 * h + 1] = exp2f(s[n][2 * h + 1] - m_ref);
+      st.d[h] += s[n][2 * h] + s[n][2 * h + 1];
+    }
+  }
+}
+
+template <typename T, int HEAD_DIM, int WARPS_Q, int WARPS_KV, int TILE, int STAGES>
+__global__ void __launch_bounds__(32 * WARPS_Q * WARPS_KV)
+batch_attention_kernel(const AttentionParams p) {
+  constexpr int ROWS = 16 * WARPS_Q;
+  constexpr int CHUNKS = HEAD_DIM / 8;  // 16-byte chunks per row of q, k, v
+  constexpr int THREADS = 32 * WARPS_Q * WARPS_KV;
+  constexpr int WARP_KEYS = TILE / WARPS_KV;
+  static_assert(HEAD_DIM % 64 == 0, "head_dim must be a multiple of 64 (swizzled tiles)");
+  static_assert(WARP_KEYS % 16 == 0, "each warp takes whole 16-key steps of a tile");
+  static_assert(STAGES >= 2, "cp.async pipeline needs two stages at least");
+
+  if (blockIdx.x >= *p.num_items) return;  // fixed grids (CUDA graphs) may have spare CTAs
+  const int item = blockIdx.x, kv_head = blockIdx.y;
+  const int b = p.item_request[item], q_start = p.item_q_start[item];
+  const int qo_begin = p.qo_indptr[b], qo_len = p.qo_indptr[b + 1] - qo_begin;
+  const int kv_len = p.kv_lens[b];
+  const int group = p.group_size;
+  const int q_count = min(ROWS / group, qo_len - q_start);
+  const int valid_rows = q_count * group;
+  const int diag = kv_len - qo_len;  // query i sees key j iff j <= i + diag (bottom-right causal)
+  int kv_begin = p.item_kv_start[item], kv_end = p.item_kv_end[item];
+  if (p.causal) kv_end = min(kv_end, q_start + q_count + diag);  // the last query's last key + 1
+  if (p.window_left >= 0) kv_begin = max(kv_begin, q_start + diag - p.window_left);
+  const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + TILE - 1) / TILE : 0;
+
+  extern __shared__ uint4 smem[];
+  uint4* q_tile = smem;                                // [ROWS][CHUNKS]
+  uint4* k_tiles = q_tile + ROWS * CHUNKS;             // [STAGES][TILE][CHUNKS]
+  uint4* v_tiles = k_tiles + STAGES * TILE * CHUNKS;   // [STAGES][TILE][CHUNKS]
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wq = warp % WARPS_Q, wk = warp / WARPS_Q;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+
+  // Q rows of this CTA (padding rows zero-filled).
+  for (int c = tid; c < ROWS * CHUNKS; c += THREADS) {
+    const int r = c / CHUNKS, chunk = c % CHUNKS;
+    const bool valid = r < valid_rows;
+    const long long offset = valid ? (qo_begin + q_start + r / group) * p.q_stride_token +
+                                         (kv_head * group + r % group) * p.q_stride_head
+                                   : 0;
+    cp_async_16(q_tile + swizzle<CHUNKS>(r, chunk), q + offset + chunk * 8, valid);
+  }
+  auto load_tile = [&](int tile, int stage) {
+    const int first = kv_begin + tile * TILE;
+    for (int c = tid; c < TILE * CHUNKS; c += THREADS) {
+      const int r = c / CHUNKS, chunk = c % CHUNKS, key = first + r;
+      const bool valid = key < kv_end;
+      long long k_off = 0, v_off = 0;
+      if (valid) {
+        k_off = key_offset(p, b, key, p.k_stride_page, p.k_stride_slot) + kv_head * p.k_stride_head;
+        v_off = key_offset(p, b, key, p.v_stride_page, p.v_stride_slot) + kv_head * p.v_stride_head;
+      }
+      const int at = stage * TILE * CHUNKS + swizzle<CHUNKS>(r, chunk);
+      cp_async_16(k_tiles + at, k + k_off + chunk * 8, valid);
+      cp_async_16(v_tiles + at, v + v_off + chunk * 8, valid);
+    }
+  };
+#pragma unroll
+  for (int t = 0; t < STAGES - 1; ++t) {  // prologue; Q travels in the first group
+    if (t < num_tiles) load_tile(t, t);
+    cp_async_commit();
+  }
+
+  RowsState<HEAD_DIM> st;
+#pragma unroll
+  for (int n = 0; n < HEAD_DIM / 8; ++n) st.o[n][0] = st.o[n][1] = st.o[n][2] = st.o[n][3] = 0.f;
+  st.m[0] = st.m[1] = NEG_INF;
+  st.d[0] = st.d[1] = 0.f;
+
+  const int row0 = wq * 16;  // first row of this warp
+  // Rows of this warp's queries span [first_query, last_query] for the tile-level mask test.
+  const int first_query = q_start + min(row0, max(valid_rows - 1, 0)) / group;
+  const int last_query = q_start + min(row0 + 15, max(valid_rows - 1, 0)) / group;
+
+  for (int t = 0; t < num_tiles; ++t) {
+    if (t + STAGES - 1 < num_tiles) load_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES);
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();
+    __syncthreads();
+    const uint4* k_tile = k_tiles + (t % STAGES) * TILE * CHUNKS;
+    const uint4* v_tile = v_tiles + (t % STAGES) * TILE * CHUNKS;
+    const int warp_key0 = wk * WARP_KEYS;            // first key of this warp within the tile
+    const int first_key = kv_begin + t * TILE + warp_key0;  // ... within the request
+
+    // S = Q K^T for this warp's 16 rows x WARP_KEYS keys.
+    float s[WARP_KEYS / 8][4];
+#pragma unroll
+    for (int n = 0; n < WARP_KEYS / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+      unsigned a[4];
+      ldmatrix_x4(a, q_tile + swizzle<CHUNKS>(row0 + lane % 16, kk * 2 + lane / 16));
+#pragma unroll
+      for (int n = 0; n < WARP_KEYS / 16; ++n) {
+        unsigned bk[4];
+        const int key_row = warp_key0 + n * 16 + (lane / 16) * 8 + lane % 8;
+        ldmatrix_x4(bk, k_tile + swizzle<CHUNKS>(key_row, kk * 2 + (lane / 8) % 2));
+        mma_16816<T>(s[2 * n], a, bk[0], bk[1]);
+        mma_16816<T>(s[2 * n + 1], a, bk[2], bk[3]);
+      }
+    }
+
+    // Only tiles that cross the key range, the causal diagonal, the window edge, or that have a
+    // custom mask test each score.
+    const int last_key = first_key + WARP_KEYS - 1;
+    const bool masked = last_key >= kv_end || p.mask != nullptr ||
+                        (p.causal && last_key > first_query + diag) ||
+                        (p.window_left >= 0 && first_key < last_query + diag - p.window_left);
+    scores_to_logits<WARP_KEYS>(s, p, masked, first_key, kv_end, row0, q_start, diag, b, qo_len,
+                                kv_len);
+    online_softmax<HEAD_DIM, WARP_KEYS>(s, st);
+
+    // O += P V: the probabilities' C fragments are the A fragments of this product.
+#pragma unroll
+    for (int kt = 0; kt < WARP_KEYS / 16; ++kt) {
+      const unsigned a[4] = {pack_pair<T>(s[2 * kt][0], s[2 * kt][1]),
+                             pack_pair<T>(s[2 * kt][2], s[2 * kt][3]),
+                             pack_pair<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]),
+                             pack_pair<T>(s[2 * kt + 1][2], s[2 * kt + 1][3])};
+#pragma unroll
+      for (int dn = 0; dn < HEAD_DIM / 16; ++dn) {
+        unsigned bv[4];
+        const int key_row = warp_key0 + kt * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+        ldmatrix_x4_trans(bv, v_tile + swizzle<CHUNKS>(key_row, dn * 2 + lane / 16));
+        mma_16816<T>(st.o[2 * dn], a, bv[0], bv[1]);
+        mma_16816<T>(st.o[2 * dn + 1], a, bv[2], bv[3]);
+      }
+    }
+    __syncthreads();  // the stage is refilled by the next iteration's load
+  }
+  cp_async_wait<0>();
+
+  // Whole-row denominators: the four threads of a quad hold disjoint keys of the same rows.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    st.d[h] += __shfl_xor_sync(0xffffffff, st.d[h], 1);
+    st.d[h] += __shfl_xor_sync(0xffffffff, st.d[h], 2);
+  }
+  if constexpr (WARPS_KV > 1) {
+    // Warps wk > 0 publish (o, m, d); warp wk = 0 of each row block folds them into its own.
+    constexpr int STATE = HEAD_DIM / 2 + 4;  // floats per thread: o, then m[2], d[2]
+    float* shared_state = reinterpret_cast<float*>(smem);  // [WARPS_KV][WARPS_Q][STATE][32]
+    __syncthreads();
+    if (wk > 0) {
+      float* mine = shared_state + ((wk * WARPS_Q + wq) * STATE) * 32 + lane;
+#pragma unroll
+      for (int n = 0; n < HEAD_DIM / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mine[(n * 4 + e) * 32] = st.o[n][e];
+      mine[(HEAD_DIM / 2 + 0) * 32] = st.m[0];
+      mine[(HEAD_DIM / 2 + 1) * 32] = st.m[1];
+      mine[(HEAD_DIM / 2 + 2) * 32] = st.d[0];
+      mine[(HEAD_DIM / 2 + 3) * 32] = st.d[1];
+    }
+    __syncthreads();
+    if (wk > 0) return;
+    for (int w = 1; w < WARPS_KV; ++w) {
+      const float* other = shared_state + ((w * WARPS_Q + wq) * STATE) * 32 + lane;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float m_other = other[(HEAD_DIM / 2 + h) * 32];
+        const float d_other = other[(HEAD_DIM / 2 + 2 + h) * 32];
+        const float m_new = fmaxf(st.m[h], m_other);
+        const float m_ref = m_new == NEG_INF ? 0.f : m_new;
+        const float mine_scale = exp2f(st.m[h] - m_ref), other_scale = exp2f(m_other - m_ref);
+        st.m[h] = m_new;
+        st.d[h] = st.d[h] * mine_scale + d_other * other_scale;
+#pragma unroll
+        for (int n = 0; n < HEAD_DIM / 8; ++n) {
+          st.o[n][2 * h] = st.o[n][2 * h] * mine_scale + other[(n * 4 + 2 * h) * 32] * other_scale;
+          st.o[n][2 * h + 1] =
+              st.o[n][2 * h + 1] * mine_scale + other[(n * 4 + 2 * h + 1) * 32] * other_scale;
+        }
+      }
+    }
+  }
+
+  // Normalise and write: rows past valid_rows are padding.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = row0 + lane / 4 + 8 * h;
+    if (r >= valid_rows) continue;
+    const int query = q_start + r / group, head = kv_head * group + r % group;
+    const bool empty = st.d[h] == 0.f;  // no visible key: output 0, lse -inf
+    const float inv_d = empty ? 0.f : 1.f / st.d[h];
+    const float lse = empty ? NEG_INF : (st.m[h] + log2f(st.d[h])) * LN2;
+    const int dim0 = 2 * (lane % 4);
+    if (p.partial_o != nullptr) {
+      const long long row = (static_cast<long long>(item) * (ROWS / group) + r / group) * p.num_qo_heads + head;
+#pragma unroll
+      for (int n = 0; n < HEAD_DIM / 8; ++n)
+        store_pair<float>(p.partial_o + row * HEAD_DIM + n * 8 + dim0, st.o[n][2 * h] * inv_d,
+                          st.o[n][2 * h + 1] * inv_d);
+      if (lane % 4 == 0) p.partial_lse[row] = lse;
+    } else {
+      const long long row = static_cast<long long>(qo_begin + query) * p.num_qo_heads + head;
+      T* o = static_cast<T*>(p.o);
+#pragma unroll
+      for (int n = 0; n < HEAD_DIM / 8; ++n)
+        store_pair<T>(o + row * HEAD_DIM + n * 8 + dim0, st.o[n][2 * h] * inv_d,
+                      st.o[n][2 * h + 1] * inv_d);
+      if (lane % 4 == 0 && p.lse != nullptr) p.lse[row] = lse;
+    }
+  }
+}

@@ -1,0 +1,49 @@
+// attention_params.cuh: what one launch of batch_attention reads and writes, and where a request's
+// key j lives. Mirrored field by field by cpattn/_core.py (PARAMS_DTYPE): change both together.
+#pragma once
+
+namespace cpattn {
+
+struct AttentionParams {
+  const void* q;            // [total_q, num_qo_heads, head_dim]
+  const void* k;            // ragged [total_kv, num_kv_heads, head_dim] or a page pool
+  const void* v;            // same shape and layout as k
+  void* o;                  // [total_q, num_qo_heads, head_dim], contiguous, q's dtype
+  float* lse;               // [total_q, num_qo_heads] natural log, or nullptr
+  float* partial_o;         // split-KV: [num_items * q_per_item, num_qo_heads, head_dim] fp32
+  float* partial_lse;       // split-KV: [num_items * q_per_item, num_qo_heads]; nullptr if unsplit
+  const int* qo_indptr;     // [batch + 1]
+  const int* kv_indptr;     // [batch + 1] in pages (paged) or in tokens (ragged)
+  const int* kv_indices;    // [kv_indptr[batch]] page ids; nullptr for ragged KV
+  const int* kv_lens;       // [batch] keys of each request
+  const unsigned char* mask;  // packed custom mask (little-endian bits), or nullptr
+  const int* mask_indptr;   // [batch + 1] byte offset of each request's mask
+  const int* num_items;     // [1] items of the work list (the grid may be larger)
+  const int* item_request;  // [num_items] request of each item
+  const int* item_q_start;  // [num_items] first query of the item within its request
+  const int* item_kv_start; // [num_items] key range [start, end) of the item
+  const int* item_kv_end;   // [num_items]
+  long long q_stride_token, q_stride_head;                   // in elements
+  long long k_stride_page, k_stride_slot, k_stride_head;     // ragged: page stride 0, slot = token
+  long long v_stride_page, v_stride_slot, v_stride_head;
+  int num_qo_heads;
+  int group_size;           // num_qo_heads / num_kv_heads
+  int page_size;            // ragged: 1 << 30 (every key in "page" 0 of its request)
+  int causal;               // bottom-right aligned
+  int window_left;          // -1: no window
+  float logits_scale;       // sm_scale * log2(e), or sm_scale / soft_cap with a soft cap
+  float soft_cap_log2;      // soft_cap * log2(e); 0: no soft cap
+};
+
+// Element offset of key j of request b in a pool with the given strides.
+// NOTE: 64-bit offsets: page * stride_page exceeds 2^31 elements for pools over 4 GB.
+__device__ __forceinline__ long long key_offset(const AttentionParams& p, int b, int j,
+                                                long long stride_page, long long stride_slot) {
+  if (p.kv_indices == nullptr) {  // ragged: the request's keys are rows kv_indptr[b] + j
+    return static_cast<long long>(p.kv_indptr[b] + j) * stride_slot;
+  }
+  const int page = __ldg(p.kv_indices + p.kv_indptr[b] + j / p.page_size);
+  return page * stride_page + static_cast<long long>(j % p.page_size) * stride_slot;
+}
+
+}  // namespace cpattn
