@@ -182,12 +182,40 @@ def preload(cfg: _tiles.TileConfig, dtype, head_dim: int, merge: bool = False) -
         _kernels.get_kernel("merge_state", ("float", _kernels.CTYPES[A.dtype_name(dtype)]))
 
 
-def launch(params, cfg: _tiles.TileConfig, dtype, head_dim: int, grid_items: int,
-           num_kv_heads: int, stream=None) -> None:
-    import cupy
-    if grid_items == 0:
-        return
-    kernel = _attention_kernel(cfg, dtype, head_dim)
-    with stream or cupy.cuda.get_current_stream():
-        kernel((grid_items, num_kv_heads), (cfg.threads,), (params,),
-               shared_mem=cfg.smem_bytes(head_dim))
+class Launcher:
+    """One planned launch of batch_attention: kernel, grid and parameter block are fixed by
+    plan(); a run only writes the pointers (and, when they change, the strides) of its arrays.
+    """
+
+    def __init__(self, params, cfg: _tiles.TileConfig, dtype, head_dim: int, grid_items: int,
+                 num_kv_heads: int, kv_layout: str, paged: bool):
+        self.params = params
+        self.kernel = _attention_kernel(cfg, dtype, head_dim)
+        self.grid = (grid_items, num_kv_heads)
+        self.block = (cfg.threads,)
+        self.smem = cfg.smem_bytes(head_dim)
+        self.kv_layout, self.paged = kv_layout, paged
+        self._layout_of = None  # (shape, strides) of q, k, v the stride fields were set for
+
+    def __call__(self, q, k, v, out, lse, stream=None) -> None:
+        params = self.params
+        layout = (q.strides, k.shape, k.strides, v.strides)
+        if layout != self._layout_of:
+            qs = A.element_strides(q)
+            params["q_stride_token"], params["q_stride_head"] = qs[0], qs[1]
+            for prefix, x in (("k", k), ("v", v)):
+                page, slot, head = kv_strides(x, self.kv_layout, self.paged)
+                params[prefix + "_stride_page"] = page
+                params[prefix + "_stride_slot"] = slot
+                params[prefix + "_stride_head"] = head
+            self._layout_of = layout
+        params["q"], params["k"], params["v"] = q.data.ptr, k.data.ptr, v.data.ptr
+        params["o"] = out.data.ptr
+        params["lse"] = 0 if lse is None else lse.data.ptr
+        if self.grid[0] == 0:
+            return
+        if stream is None:
+            self.kernel(self.grid, self.block, (params,), shared_mem=self.smem)
+        else:
+            with stream:
+                self.kernel(self.grid, self.block, (params,), shared_mem=self.smem)

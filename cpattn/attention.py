@@ -13,6 +13,14 @@ from . import _core, mask as mask_mod, reference
 from ._core import Options
 
 
+def attention_dtype(dtype) -> np.dtype:
+    """float16 / bfloat16 from a NumPy dtype or its name."""
+    dtype = A.BFLOAT16 if str(dtype) == "bfloat16" else np.dtype(dtype)
+    if dtype not in A.ATTENTION_DTYPES:
+        raise ValueError(f"dtype must be float16 or bfloat16; got {A.dtype_name(dtype)}")
+    return dtype
+
+
 def _check_layout(kv_layout: str) -> None:
     if kv_layout not in ("NHD", "HND"):
         raise ValueError(f'kv_layout must be "NHD" or "HND"; got {kv_layout!r}')
@@ -47,7 +55,8 @@ class BatchPrefillRagged:
 
     ``plan(qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim, *, causal=False,
     custom_mask=None, packed_custom_mask=None, mask_indptr=None, window_left=-1,
-    logits_soft_cap=0.0, sm_scale=None)`` takes host int32 indptr arrays ``[batch + 1]``;
+    logits_soft_cap=0.0, sm_scale=None, dtype="float16")`` takes host int32 indptr arrays
+    ``[batch + 1]`` and the dtype of q / k / v (float16 or bfloat16);
     ``run(q, k, v, *, return_lse=False, out=None)`` takes q ``[qo_indptr[-1], Hq, D]`` and k / v
     ``[kv_indptr[-1], Hkv, D]``. Request b's queries are rows ``qo_indptr[b]:qo_indptr[b+1]`` and
     its keys rows ``kv_indptr[b]:kv_indptr[b+1]``.
@@ -59,11 +68,11 @@ class BatchPrefillRagged:
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim, *, causal=False,
              custom_mask=None, packed_custom_mask=None, mask_indptr=None, window_left=-1,
-             logits_soft_cap=0.0, sm_scale=None, stream=None):
+             logits_soft_cap=0.0, sm_scale=None, dtype="float16", stream=None):
         options = Options(causal, sm_scale, window_left, logits_soft_cap)
         mask = (custom_mask, packed_custom_mask, mask_indptr)
         self._plan = plan_ragged(self._buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads,
-                                 head_dim, options, mask, stream)
+                                 head_dim, options, mask, attention_dtype(dtype), stream=stream)
 
     def run(self, q, k, v, *, return_lse=False, out=None, stream=None):
         if self._plan is None:
@@ -84,12 +93,15 @@ class BatchPrefillRagged:
                           "[kv_indptr[-1], num_kv_heads, head_dim]")
         _check_strides(q=q, k=k, v=v)
         out, lse = _outputs(q, out, return_lse)
-        run_plan(plan, q, k, v, out, lse, "NHD", paged=False, stream=stream)
+        if q.dtype != plan["dtype"]:
+            raise ValueError(f"q must have the planned dtype {A.dtype_name(plan['dtype'])}; "
+                             f"got {A.dtype_name(q.dtype)}")
+        run_plan(plan, q, k, v, out, lse, stream)
         return (out, lse) if return_lse else out
 
 
 def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim,
-                options: Options, mask, stream=None) -> dict:
+                options: Options, mask, q_dtype, kv_layout="NHD", stream=None) -> dict:
     """Validate, build the work list and upload it; the plan dict run_plan() launches."""
     custom_mask, packed_custom_mask, mask_indptr = mask
     options.check(custom_mask is not None or packed_custom_mask is not None)
@@ -123,9 +135,11 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
     params["num_qo_heads"] = num_qo_heads
     params["group_size"] = group
     options.fill(params, head_dim)
-    return dict(params=params, cfg=cfg, items=len(request), total_q=int(qo_indptr[-1]),
-                total_kv=int(kv_indptr[-1]), heads=(num_qo_heads, num_kv_heads),
-                head_dim=head_dim, mask=device_mask)
+    launch = _core.Launcher(params, cfg, q_dtype, head_dim, len(request), num_kv_heads,
+                            kv_layout, paged=False)
+    return dict(launch=launch, total_q=int(qo_indptr[-1]), total_kv=int(kv_indptr[-1]),
+                heads=(num_qo_heads, num_kv_heads), head_dim=head_dim, dtype=q_dtype,
+                mask=device_mask)
 
 
 def single_prefill(q, k, v, *, causal=False, sm_scale=None, window_left=-1, logits_soft_cap=0.0,
@@ -149,9 +163,9 @@ def single_prefill(q, k, v, *, causal=False, sm_scale=None, window_left=-1, logi
     qo_indptr = np.array([0, q.shape[0]], np.int32)
     kv_indptr = np.array([0, kv_len], np.int32)
     plan = plan_ragged(_core.PlanBuffer(), qo_indptr, kv_indptr, hq, hkv, d, options,
-                       (custom_mask, None, None), stream)
+                       (custom_mask, None, None), q.dtype, kv_layout, stream)
     out, lse = _outputs(q, None, return_lse)
-    run_plan(plan, q, k, v, out, lse, kv_layout, paged=False, stream=stream)
+    run_plan(plan, q, k, v, out, lse, stream)
     return (out, lse) if return_lse else out
 
 
@@ -191,7 +205,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, sm_sc
     wrapper.plan(cu_seqlens_q, cu_seqlens_k, hq, hkv, d, causal=causal, custom_mask=custom_mask,
                  packed_custom_mask=packed_custom_mask, mask_indptr=mask_indptr,
                  window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
-                 stream=stream)
+                 dtype=q.dtype, stream=stream)
     return wrapper.run(q, k, v, return_lse=return_lse, stream=stream)
 
 
@@ -200,20 +214,9 @@ def _host_result(o, lse, dtype, return_lse):
     return (o, lse.astype(np.float32)) if return_lse else o
 
 
-def run_plan(plan, q, k, v, out, lse, kv_layout, paged, stream=None) -> None:
-    """Fill the run-time fields of the plan's params and launch."""
-    params = plan["params"]
-    params["q"], params["k"], params["v"] = q.data.ptr, k.data.ptr, v.data.ptr
-    params["o"] = out.data.ptr
-    params["lse"] = lse.data.ptr if lse is not None else 0
-    qs = A.element_strides(q)
-    params["q_stride_token"], params["q_stride_head"] = qs[0], qs[1]
-    for prefix, x in (("k", k), ("v", v)):
-        page, slot, head = _core.kv_strides(x, kv_layout, paged)
-        params[f"{prefix}_stride_page"], params[f"{prefix}_stride_slot"] = page, slot
-        params[f"{prefix}_stride_head"] = head
-    _core.launch(params, plan["cfg"], q.dtype, plan["head_dim"], plan["items"],
-                 plan["heads"][1], stream)
+def run_plan(plan, q, k, v, out, lse, stream=None) -> None:
+    """Launch a planned attention on this call's arrays."""
+    plan["launch"](q, k, v, out, lse, stream)
 
 
 def _outputs(q, out, return_lse):

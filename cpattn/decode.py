@@ -15,8 +15,8 @@ import numpy as np
 from . import _arrays as A
 from . import _core, planner
 from ._core import Options
-from .attention import _check_layout, run_plan
-from .merge import merge_varlen_into
+from .attention import _check_layout, attention_dtype
+from .merge import VarlenMerge
 
 _INT32_MAX = 2 ** 31 - 1
 _SMEM_PER_SM = 227 * 1024  # usable shared memory of one SM (Ampere A100 163 KB: fewer CTAs fit)
@@ -64,6 +64,7 @@ class BatchDecode:
         self._plan = None
         self._partials = None  # (partial_o, partial_lse), grown as needed (fixed with graphs)
         self._outputs = None   # graph mode: (out, lse) of max_batch_size rows
+        self._scratch_lse = None  # the split path's lse when run() is not asked for one
 
     def plan(self, kv_indptr, kv_indices, kv_last_page_len=None, num_qo_heads=None,
              num_kv_heads=None, head_dim=None, page_size=None, *, kv_lens=None, window_left=-1,
@@ -73,9 +74,7 @@ class BatchDecode:
         options.check(False)
         _core.check_head_dim(head_dim)
         group = _core.check_heads(num_qo_heads, num_kv_heads)
-        dtype = np.dtype(A.BFLOAT16 if str(dtype) == "bfloat16" else dtype)
-        if dtype not in A.ATTENTION_DTYPES:
-            raise ValueError(f"dtype must be float16 or bfloat16; got {A.dtype_name(dtype)}")
+        dtype = attention_dtype(dtype)
         kv_indptr = planner.host_index(kv_indptr, "kv_indptr")
         kv_indices = planner.host_index(kv_indices, "kv_indices")
         kv_lens = planner.check_page_table(kv_indptr, kv_indices, _INT32_MAX, page_size,
@@ -113,12 +112,17 @@ class BatchDecode:
             partial_o, partial_lse = self._partial_buffers(grid * rows_per_item, num_qo_heads,
                                                            head_dim)
             params["partial_o"], params["partial_lse"] = partial_o.data.ptr, partial_lse.data.ptr
-        self._plan = dict(params=params, cfg=cfg, items=grid, heads=(num_qo_heads, num_kv_heads),
-                          head_dim=head_dim, dtype=dtype, batch=batch, page_size=page_size,
-                          kv_layout=kv_layout, split=split, rows_per_item=rows_per_item,
-                          merge_indptr=pointers["merge_indptr"],
-                          max_page=int(kv_indices.max(initial=-1)))
         _core.preload(cfg, dtype, head_dim, merge=split)
+        launch = _core.Launcher(params, cfg, dtype, head_dim, grid, num_kv_heads, kv_layout,
+                                paged=True)
+        merge = None
+        if split:
+            rows = limits.max_batch_size if limits else batch
+            merge = VarlenMerge(partial_o, partial_lse, rows_per_item, pointers["merge_indptr"],
+                                rows, dtype)
+        self._plan = dict(launch=launch, heads=(num_qo_heads, num_kv_heads), head_dim=head_dim,
+                          dtype=dtype, batch=batch, page_size=page_size, kv_layout=kv_layout,
+                          split=split, merge=merge, max_page=int(kv_indices.max(initial=-1)), checked=None)
 
     def _partial_buffers(self, rows, heads, head_dim):
         import cupy
@@ -144,20 +148,24 @@ class BatchDecode:
         out, lse = self._run_outputs(q, out, return_lse)
         if plan["split"]:
             # The kernel writes fp32 partial states (params.partial_o is set); merge them.
-            run_plan(plan, q, k_pages, v_pages, out, None, plan["kv_layout"], paged=True,
-                     stream=stream)
-            partial_o, partial_lse = self._partials
-            merge_varlen_into(out, lse, partial_o, partial_lse, plan["rows_per_item"],
-                              plan["merge_indptr"], stream)
+            plan["launch"](q, k_pages, v_pages, out, None, stream)
+            plan["merge"](out, lse, stream)
         else:
-            run_plan(plan, q, k_pages, v_pages, out, lse, plan["kv_layout"], paged=True,
-                     stream=stream)
+            plan["launch"](q, k_pages, v_pages, out, lse, stream)
         if self._limits is not None:
             out, lse = out[:plan["batch"]], lse[:plan["batch"]]
         return (out, lse) if return_lse else out
 
     def _check_run(self, q, k_pages, v_pages) -> None:
+        """Full checks the first time a layout is seen; afterwards only the 16-byte alignment
+        of the base addresses (layers share shapes and strides, not addresses)."""
         plan = self._plan
+        seen = (q.dtype, q.shape, q.strides, k_pages.dtype, k_pages.shape, k_pages.strides,
+                v_pages.dtype, v_pages.shape, v_pages.strides)
+        if seen == plan["checked"]:
+            if (q.data.ptr | k_pages.data.ptr | v_pages.data.ptr) & 15:
+                raise ValueError("q, k_pages and v_pages must be 16-byte aligned")
+            return
         hq, hkv = plan["heads"]
         d, ps = plan["head_dim"], plan["page_size"]
         if q.dtype != plan["dtype"]:
@@ -177,6 +185,7 @@ class BatchDecode:
                                  f"{x.shape[0]} pages")
         A.check_last_dim_contiguous(q, "q")
         A.check_vector_aligned(q, "q")
+        plan["checked"] = seen
 
     def _run_outputs(self, q, out, return_lse):
         import cupy
@@ -199,5 +208,13 @@ class BatchDecode:
             A.check_shape(out, "out", shape, "[batch, num_qo_heads, head_dim]")
             if not out.flags.c_contiguous:
                 raise ValueError("out must be C-contiguous")
-        lse = cupy.empty(shape[:2], np.float32) if (return_lse or plan["split"]) else None
+        if return_lse:
+            lse = cupy.empty(shape[:2], np.float32)
+        elif plan["split"]:  # the merge writes an lse even when nobody asked for it
+            if self._scratch_lse is None or self._scratch_lse.shape[0] < shape[0] or \
+                    self._scratch_lse.shape[1] != shape[1]:
+                self._scratch_lse = cupy.empty(shape[:2], np.float32)
+            lse = self._scratch_lse[:shape[0]]
+        else:
+            lse = None
         return out, lse

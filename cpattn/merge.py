@@ -104,27 +104,46 @@ def _view(v, s):
     return np.array((vs[0], vs[1], vs[2], ss[0], ss[1], ss[2], 0), dtype=_STATE_VIEW)[()]
 
 
-def merge_varlen_into(v_out, s_out, v, s, state_stride: int, indptr_ptr: int, stream=None) -> None:
-    """Merge variable-length states into ``v_out [n, H, D]`` / ``s_out [n, H]`` (preallocated).
+class VarlenMerge:
+    """A planned merge of variable-length states into ``[rows, H, D]`` outputs.
 
     Row n's states are ``indptr[n]:indptr[n + 1]`` (a device int32 array at ``indptr_ptr``) of
-    ``v [*, H, D]`` / ``s [*, H]`` viewed with ``state_stride`` rows between states: split-KV
-    partials, where each request was cut into its own number of chunks.
+    ``v [*, H, D]`` fp32 / ``s [*, H]`` viewed with ``state_stride`` rows between states: split-KV
+    partials, where each request was cut into its own number of chunks. Built once per plan; a
+    call only passes the output arrays.
     """
-    heads, dim = v.shape[-2], v.shape[-1]
-    view = np.array((0, state_stride * heads * dim, dim, 0, state_stride * heads, 1, indptr_ptr),
-                    dtype=_STATE_VIEW)[()]
-    no_states = np.zeros((), dtype=_STATE_VIEW)[()]  # view b: nothing (its indptr is null)
-    _launch(v, s, view, 0, v, s, no_states, 0, (v_out.shape[0], heads, dim), stream, v_out, s_out)
+
+    def __init__(self, v, s, state_stride: int, indptr_ptr: int, rows: int, out_dtype):
+        heads, dim = v.shape[-2], v.shape[-1]
+        view = np.array((0, state_stride * heads * dim, dim, 0, state_stride * heads, 1,
+                         indptr_ptr), dtype=_STATE_VIEW)[()]
+        no_states = np.zeros((), dtype=_STATE_VIEW)[()]  # view b: nothing (its indptr is null)
+        self.kernel = _kernels.get_kernel(
+            "merge_state", (_kernels.CTYPES[A.dtype_name(v.dtype)],
+                            _kernels.CTYPES[A.dtype_name(np.dtype(out_dtype))]))
+        threads_x = dim // (16 // v.itemsize)
+        rows_per_block = max(1, _ROW_THREADS // threads_x)
+        self.grid = (-(-rows * heads // rows_per_block),)
+        self.block = (threads_x, rows_per_block)
+        self.head_args = (v, s, view, np.int32(0), v, s, no_states, np.int32(0))
+        self.tail_args = (np.int32(rows), np.int32(heads), np.int32(dim))
+
+    def __call__(self, v_out, s_out, stream=None) -> None:
+        if self.grid[0] == 0:
+            return
+        args = self.head_args + (v_out, s_out) + self.tail_args
+        if stream is None:
+            self.kernel(self.grid, self.block, args)
+        else:
+            with stream:
+                self.kernel(self.grid, self.block, args)
 
 
-def _launch(v_a, s_a, view_a, states_a, v_b, s_b, view_b, states_b, shape, stream,
-            v_out=None, s_out=None):
+def _launch(v_a, s_a, view_a, states_a, v_b, s_b, view_b, states_b, shape, stream):
     import cupy
     n, heads, dim = shape
-    if v_out is None:
-        v_out = cupy.empty((n, heads, dim), dtype=v_a.dtype)
-        s_out = cupy.empty((n, heads), dtype=np.float32)
+    v_out = cupy.empty((n, heads, dim), dtype=v_a.dtype)
+    s_out = cupy.empty((n, heads), dtype=np.float32)
     rows = n * heads
     if rows == 0:
         return v_out, s_out

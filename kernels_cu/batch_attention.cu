@@ -24,33 +24,40 @@ struct RowsState {
   float d[2];                // this thread's part of the running denominators
 };
 
-// Scores of one tile: scale, soft cap, mask. s[n][e] is key (n * 8 + 2c + e % 2) of the warp's
+// Scores of one tile: scale, soft cap, then (tiles that need it) mask. s[n][e] is key (n * 8 + 2c + e % 2) of the warp's
 // keys for row g + 8 * (e / 2).
 template <int WARP_KEYS>
 __device__ __forceinline__ void scores_to_logits(float (&s)[WARP_KEYS / 8][4], const AttentionParams& p,
                                                  bool masked, int first_key, int kv_end, int row0,
                                                  int q_start, int diag, int b, int qo_len, int kv_len) {
   const int lane = threadIdx.x % 32;
+  if (p.soft_cap_log2 > 0.f) {  // uniform: tanh only when a soft cap is on
+#pragma unroll
+    for (int n = 0; n < WARP_KEYS / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = p.soft_cap_log2 * tanhf(s[n][e] * p.logits_scale);
+  } else {
+#pragma unroll
+    for (int n = 0; n < WARP_KEYS / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] *= p.logits_scale;
+  }
+  if (!masked) return;
 #pragma unroll
   for (int n = 0; n < WARP_KEYS / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      float x = s[n][e];
-      x = p.soft_cap_log2 > 0.f ? p.soft_cap_log2 * tanhf(x * p.logits_scale) : x * p.logits_scale;
-      if (masked) {
-        const int key = first_key + n * 8 + 2 * (lane % 4) + (e % 2);
-        const int query = q_start + (row0 + lane / 4 + 8 * (e / 2)) / p.group_size;
-        bool visible = key < kv_end;
-        if (p.causal) visible &= key <= query + diag;
-        if (p.window_left >= 0) visible &= key >= query + diag - p.window_left;
-        if (p.mask != nullptr && visible && query < qo_len) {
-          const long long bit = static_cast<long long>(p.mask_indptr[b]) * 8 +
-                                static_cast<long long>(query) * kv_len + key;
-          visible = (__ldg(p.mask + (bit >> 3)) >> (bit & 7)) & 1;
-        }
-        x = visible ? x : NEG_INF;  // selected, never added: -inf + NaN would stay NaN
+      const int key = first_key + n * 8 + 2 * (lane % 4) + (e % 2);
+      const int query = q_start + (row0 + lane / 4 + 8 * (e / 2)) / p.group_size;
+      bool visible = key < kv_end;
+      if (p.causal) visible &= key <= query + diag;
+      if (p.window_left >= 0) visible &= key >= query + diag - p.window_left;
+      if (p.mask != nullptr && visible && query < qo_len) {
+        const long long bit = static_cast<long long>(p.mask_indptr[b]) * 8 +
+                              static_cast<long long>(query) * kv_len + key;
+        visible = (__ldg(p.mask + (bit >> 3)) >> (bit & 7)) & 1;
       }
-      s[n][e] = x;
+      s[n][e] = visible ? s[n][e] : NEG_INF;  // selected, never added: -inf + NaN stays NaN
     }
   }
 }
@@ -131,26 +138,48 @@ batch_attention_kernel(const AttentionParams p) {
                                    : 0;
     cp_async_16(q_tile + swizzle<CHUNKS>(r, chunk), q + offset + chunk * 8, valid);
   }
-  auto load_tile = [&](int tile, int stage) {
-    const int first = kv_begin + tile * TILE;
-    for (int c = tid; c < TILE * CHUNKS; c += THREADS) {
-      const int r = c / CHUNKS, chunk = c % CHUNKS, key = first + r;
+  // Each thread copies one 16-byte chunk column of KEYS_PER_THREAD key rows of every tile. The
+  // page ids of the next tile to issue are fetched one iteration early, so the wait for them
+  // overlaps a tile of compute instead of stalling the copy.
+  constexpr int ROW_STEP = THREADS / CHUNKS;
+  constexpr int KEYS_PER_THREAD = TILE / ROW_STEP;
+  static_assert(THREADS % CHUNKS == 0 && TILE % ROW_STEP == 0, "copy layout must tile the tile");
+  const int copy_chunk = tid % CHUNKS, copy_row = tid / CHUNKS;
+  const bool paged = p.kv_indices != nullptr;
+  const int* page_table = p.kv_indices + (paged ? p.kv_indptr[b] : 0);
+  const long long ragged_row = paged ? 0 : p.kv_indptr[b];
+  int pages[KEYS_PER_THREAD];
+  auto fetch_pages = [&](int tile) {
+#pragma unroll
+    for (int i = 0; i < KEYS_PER_THREAD; ++i) {
+      const int key = kv_begin + tile * TILE + copy_row + i * ROW_STEP;
+      pages[i] = paged && key < kv_end ? __ldg(page_table + key / p.page_size) : 0;
+    }
+  };
+  auto issue_tile = [&](int tile, int stage) {
+#pragma unroll
+    for (int i = 0; i < KEYS_PER_THREAD; ++i) {
+      const int r = copy_row + i * ROW_STEP, key = kv_begin + tile * TILE + r;
       const bool valid = key < kv_end;
-      long long k_off = 0, v_off = 0;
-      if (valid) {
-        k_off = key_offset(p, b, key, p.k_stride_page, p.k_stride_slot) + kv_head * p.k_stride_head;
-        v_off = key_offset(p, b, key, p.v_stride_page, p.v_stride_slot) + kv_head * p.v_stride_head;
-      }
-      const int at = stage * TILE * CHUNKS + swizzle<CHUNKS>(r, chunk);
-      cp_async_16(k_tiles + at, k + k_off + chunk * 8, valid);
-      cp_async_16(v_tiles + at, v + v_off + chunk * 8, valid);
+      // NOTE: 64-bit offsets: page * stride_page passes 2^31 elements in pools over 4 GB.
+      const long long slot = paged ? key % p.page_size : ragged_row + key;
+      const long long page = pages[i];
+      const long long k_off = page * p.k_stride_page + slot * p.k_stride_slot + kv_head * p.k_stride_head;
+      const long long v_off = page * p.v_stride_page + slot * p.v_stride_slot + kv_head * p.v_stride_head;
+      const int at = stage * TILE * CHUNKS + swizzle<CHUNKS>(r, copy_chunk);
+      cp_async_16(k_tiles + at, k + (valid ? k_off : 0) + copy_chunk * 8, valid);
+      cp_async_16(v_tiles + at, v + (valid ? v_off : 0) + copy_chunk * 8, valid);
     }
   };
 #pragma unroll
   for (int t = 0; t < STAGES - 1; ++t) {  // prologue; Q travels in the first group
-    if (t < num_tiles) load_tile(t, t);
+    if (t < num_tiles) {
+      fetch_pages(t);
+      issue_tile(t, t);
+    }
     cp_async_commit();
   }
+  fetch_pages(STAGES - 1);
 
   RowsState<HEAD_DIM> st;
 #pragma unroll
@@ -164,7 +193,10 @@ batch_attention_kernel(const AttentionParams p) {
   const int last_query = q_start + min(row0 + 15, max(valid_rows - 1, 0)) / group;
 
   for (int t = 0; t < num_tiles; ++t) {
-    if (t + STAGES - 1 < num_tiles) load_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES);
+    if (t + STAGES - 1 < num_tiles) {
+      issue_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES);
+      fetch_pages(t + STAGES);
+    }
     cp_async_commit();
     cp_async_wait<STAGES - 1>();
     __syncthreads();

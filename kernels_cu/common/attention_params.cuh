@@ -1,5 +1,4 @@
-// attention_params.cuh: what one launch of batch_attention reads and writes, and where a request's
-// key j lives. Mirrored field by field by cpattn/_core.py (PARAMS_DTYPE): change both together.
+// attention_params.cuh: what one launch of batch_attention reads and writes. Mirrored field by field by cpattn/_core.py (PARAMS_DTYPE): change both together.
 #pragma once
 
 namespace cpattn {
@@ -28,22 +27,11 @@ struct AttentionParams {
   long long v_stride_page, v_stride_slot, v_stride_head;
   int num_qo_heads;
   int group_size;           // num_qo_heads / num_kv_heads
-  int page_size;            // ragged: 1 << 30 (every key in "page" 0 of its request)
+  int page_size;            // tokens per page (unused for ragged KV)
   int causal;               // bottom-right aligned
   int window_left;          // -1: no window
   float logits_scale;       // sm_scale * log2(e), or sm_scale / soft_cap with a soft cap
   float soft_cap_log2;      // soft_cap * log2(e); 0: no soft cap
 };
-
-// Element offset of key j of request b in a pool with the given strides.
-// NOTE: 64-bit offsets: page * stride_page exceeds 2^31 elements for pools over 4 GB.
-__device__ __forceinline__ long long key_offset(const AttentionParams& p, int b, int j,
-                                                long long stride_page, long long stride_slot) {
-  if (p.kv_indices == nullptr) {  // ragged: the request's keys are rows kv_indptr[b] + j
-    return static_cast<long long>(p.kv_indptr[b] + j) * stride_slot;
-  }
-  const int page = __ldg(p.kv_indices + p.kv_indptr[b] + j / p.page_size);
-  return page * stride_page + static_cast<long long>(j % p.page_size) * stride_slot;
-}
 
 }  // namespace cpattn
