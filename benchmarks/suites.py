@@ -103,7 +103,7 @@ def _prefill_flops(qo_lens, kv_lens, hq, d, causal):
 
 
 def _ragged_case(qo_lens, kv_lens, hq, hkv, d, causal, dtype, peers_kind, peers, time_ms,
-                 host_us, ceil, name):
+                 host_us, ceil, name, causal_mask=False):
     rng = cupy.random.default_rng(1)
     qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
     kv_indptr = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
@@ -111,8 +111,13 @@ def _ragged_case(qo_lens, kv_lens, hq, hkv, d, causal, dtype, peers_kind, peers,
     k = _random((int(kv_indptr[-1]), hkv, d), dtype, rng)
     v = _random((int(kv_indptr[-1]), hkv, d), dtype, rng)
     wrapper = cpattn.BatchPrefillRagged()
-    plan = lambda: wrapper.plan(qo_indptr, kv_indptr, hq, hkv, d, causal=causal)
-    plan_us = host_us(plan, 10)
+    mask = None
+    if causal_mask:  # causality given as a custom mask (bottom-right lower triangles)
+        mask = cpattn.mask.flatten([np.tri(q, k, k - q, dtype=bool)
+                                    for q, k in zip(qo_lens, kv_lens)])[0]
+    plan = lambda: wrapper.plan(qo_indptr, kv_indptr, hq, hkv, d, causal=causal and not causal_mask,
+                                custom_mask=mask, dtype=dtype)
+    plan_us = host_us(plan, 3 if causal_mask else 10)
     out = cupy.empty(q.shape, dtype)
     run = lambda: wrapper.run(q, k, v, out=out)
     ms, spread = time_ms(run)
@@ -175,9 +180,12 @@ def prefill(case, peers, time_ms, host_us, ceil):
     b, s = case["batch"], case["seq_len"]
     hq, hkv, d = case.get("qo_heads", 32), case.get("kv_heads", 32), case.get("head_dim", 128)
     causal = case.get("causal", False)
-    name = f"B{b} S{s} {hq}/{hkv} hd{d}{' causal' if causal else ''}"
-    return _ragged_case([s] * b, [s] * b, hq, hkv, d, causal, DTYPES[case.get("dtype", "float16")],
-                        _sdpa_peers, peers, time_ms, host_us, ceil, name)
+    causal_mask = case.get("causal_mask", False)
+    kind = " causal-shaped custom mask" if causal_mask else (" causal" if causal else "")
+    name = f"B{b} S{s} {hq}/{hkv} hd{d}{kind}"
+    return _ragged_case([s] * b, [s] * b, hq, hkv, d, causal or causal_mask,
+                        DTYPES[case.get("dtype", "float16")], _sdpa_peers, peers, time_ms, host_us,
+                        ceil, name, causal_mask)
 
 
 def ragged(case, peers, time_ms, host_us, ceil):

@@ -8,8 +8,9 @@ from ._kernels import KernelError
 from .attention import BatchPrefillRagged, single_decode, single_prefill, varlen_attention
 from .decode import BatchDecode
 from .merge import merge_state, merge_states
+from .paged import OutOfPagesError, PagedKVCache, append_paged_kv
 
 __version__ = "0.1.0"
-__all__ = ["BatchDecode", "BatchPrefillRagged", "KernelError", "mask", "merge_state",
-           "merge_states", "planner", "reference", "single_decode", "single_prefill",
-           "varlen_attention"]
+__all__ = ["BatchDecode", "BatchPrefillRagged", "KernelError", "OutOfPagesError", "PagedKVCache",
+           "append_paged_kv", "mask", "merge_state", "merge_states", "planner", "reference",
+           "single_decode", "single_prefill", "varlen_attention"]

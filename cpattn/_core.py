@@ -18,7 +18,7 @@ LOG2E = 1.4426950408889634
 
 _PTR_FIELDS = ("q", "k", "v", "o", "lse", "partial_o", "partial_lse", "qo_indptr", "kv_indptr",
                "kv_indices", "kv_lens", "mask", "mask_indptr", "num_items", "item_request",
-               "item_q_start", "item_kv_start", "item_kv_end")
+               "item_q_start", "item_kv_start", "item_kv_end", "tile_class", "item_class_offset")
 _STRIDE_FIELDS = ("q_stride_token", "q_stride_head", "k_stride_page", "k_stride_slot",
                   "k_stride_head", "v_stride_page", "v_stride_slot", "v_stride_head")
 _INT_FIELDS = ("num_qo_heads", "group_size", "page_size", "causal", "window_left")
@@ -31,7 +31,8 @@ PARAMS_DTYPE = np.dtype([(f, np.uint64) for f in _PTR_FIELDS] +
 
 #: The arrays of a plan, in the order they are packed into the device buffer.
 PLAN_ARRAYS = ("num_items", "item_request", "item_q_start", "item_kv_start", "item_kv_end",
-               "qo_indptr", "kv_indptr", "kv_indices", "kv_lens", "mask_indptr", "merge_indptr")
+               "qo_indptr", "kv_indptr", "kv_indices", "kv_lens", "mask_indptr", "merge_indptr",
+               "tile_class", "item_class_offset")
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,34 @@ def preload(cfg: _tiles.TileConfig, dtype, head_dim: int, merge: bool = False) -
         _kernels.get_kernel("merge_state", ("float", _kernels.CTYPES[A.dtype_name(dtype)]))
 
 
+class DirectLaunch:
+    """``cuLaunchKernel`` on arguments that live in host memory between launches.
+
+    CuPy re-inspects a structured (struct) argument's dtype on every launch, which costs tens of
+    microseconds; here each argument is a 0-d NumPy array whose address is taken once, so a launch
+    is one driver call. The driver copies the argument bytes when the launch is enqueued, so they
+    may be changed right after.
+    """
+
+    def __init__(self, kernel, grid, block, smem: int, args):
+        self.func = kernel.kernel.ptr
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.block = tuple(block) + (1,) * (3 - len(block))
+        self.smem = smem
+        self.args = [np.asarray(a) for a in args]  # 0-d arrays owning the argument bytes
+        self._pointers = np.array([a.ctypes.data for a in self.args], np.uint64)
+        self._pointers_address = self._pointers.ctypes.data
+
+    def __call__(self, stream=None) -> None:
+        import cupy
+        from cupy_backends.cuda.api import driver
+        if self.grid[0] == 0:
+            return
+        stream_ptr = (stream or cupy.cuda.get_current_stream()).ptr
+        driver.launchKernel(self.func, *self.grid, *self.block, self.smem, stream_ptr,
+                            self._pointers_address, 0)
+
+
 class Launcher:
     """One planned launch of batch_attention: kernel, grid and parameter block are fixed by
     plan(); a run only writes the pointers (and, when they change, the strides) of its arrays.
@@ -189,13 +218,17 @@ class Launcher:
 
     def __init__(self, params, cfg: _tiles.TileConfig, dtype, head_dim: int, grid_items: int,
                  num_kv_heads: int, kv_layout: str, paged: bool):
+        preload(cfg, dtype, head_dim)
         self.params = params
-        self.kernel = _attention_kernel(cfg, dtype, head_dim)
-        self.grid = (grid_items, num_kv_heads)
-        self.block = (cfg.threads,)
-        self.smem = cfg.smem_bytes(head_dim)
+        self._pointers = params.reshape(1).view(np.uint64)[:5]  # q, k, v, o, lse: the first fields
+        self.launch = DirectLaunch(_attention_kernel(cfg, dtype, head_dim),
+                                   (grid_items, num_kv_heads), (cfg.threads,),
+                                   cfg.smem_bytes(head_dim), [params])
         self.kv_layout, self.paged = kv_layout, paged
-        self._layout_of = None  # (shape, strides) of q, k, v the stride fields were set for
+        self._layout_of = None  # (strides of q, shape and strides of k, v) the strides were set for
+
+    def set_grid(self, grid_items: int) -> None:
+        self.launch.grid = (grid_items,) + self.launch.grid[1:]
 
     def __call__(self, q, k, v, out, lse, stream=None) -> None:
         params = self.params
@@ -209,13 +242,6 @@ class Launcher:
                 params[prefix + "_stride_slot"] = slot
                 params[prefix + "_stride_head"] = head
             self._layout_of = layout
-        params["q"], params["k"], params["v"] = q.data.ptr, k.data.ptr, v.data.ptr
-        params["o"] = out.data.ptr
-        params["lse"] = 0 if lse is None else lse.data.ptr
-        if self.grid[0] == 0:
-            return
-        if stream is None:
-            self.kernel(self.grid, self.block, (params,), shared_mem=self.smem)
-        else:
-            with stream:
-                self.kernel(self.grid, self.block, (params,), shared_mem=self.smem)
+        self._pointers[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr,
+                             0 if lse is None else lse.data.ptr)
+        self.launch(stream)

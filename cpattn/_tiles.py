@@ -1,8 +1,9 @@
 """Tile shapes of the attention kernels: defined here once, checked by static_assert in CUDA.
 
-``batch_attention_kernel<T, HEAD_DIM, WARPS_Q, WARPS_KV, TILE, STAGES>``: a CTA holds
-``16 * WARPS_Q`` packed (query, head) rows and streams keys ``TILE`` at a time through ``STAGES``
-shared-memory buffers; ``WARPS_KV`` warps split each tile's keys.
+``batch_attention_kernel<T, HEAD_DIM, M_TILES, WARPS_Q, WARPS_KV, TILE, STAGES>``: a CTA holds
+``16 * M_TILES * WARPS_Q`` packed (query, head) rows (each warp ``M_TILES`` blocks of 16) and
+streams keys ``TILE`` at a time through ``STAGES`` shared-memory buffers; ``WARPS_KV`` warps
+split each tile's keys.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ ATTENTION_CTYPES = ("half", "__nv_bfloat16")
 
 @dataclass(frozen=True)
 class TileConfig:
+    m_tiles: int
     warps_q: int
     warps_kv: int
     tile: int
@@ -22,7 +24,7 @@ class TileConfig:
     @property
     def rows(self) -> int:
         """Packed (query, head) rows of one CTA."""
-        return 16 * self.warps_q
+        return 16 * self.m_tiles * self.warps_q
 
     @property
     def threads(self) -> int:
@@ -36,14 +38,17 @@ class TileConfig:
         return max(pipeline, merge)
 
     def targs(self, ctype: str, head_dim: int) -> tuple[str, ...]:
-        return (ctype, str(head_dim), str(self.warps_q), str(self.warps_kv), str(self.tile),
-                str(self.stages))
+        return (ctype, str(head_dim), str(self.m_tiles), str(self.warps_q), str(self.warps_kv),
+                str(self.tile), str(self.stages))
 
 
-#: Many queries per request: four warps of 16 rows each, one tile of keys shared by all of them.
-PREFILL = {64: TileConfig(4, 1, 64, 2), 128: TileConfig(4, 1, 64, 2), 256: TileConfig(4, 1, 32, 2)}
+#: Many queries per request: four warps of 32 rows each (16 at head_dim 256, for registers), one
+#: tile of keys shared by all of them.
+PREFILL = {64: TileConfig(2, 4, 1, 64, 2), 128: TileConfig(2, 4, 1, 32, 2),
+           256: TileConfig(1, 4, 1, 32, 2)}
 #: One query (or a few) per request: the GQA group fills the 16 rows; four warps split the keys.
-DECODE = {64: TileConfig(1, 4, 64, 4), 128: TileConfig(1, 4, 64, 3), 256: TileConfig(1, 4, 64, 2)}
+DECODE = {64: TileConfig(1, 1, 4, 64, 2), 128: TileConfig(1, 1, 4, 64, 2),
+          256: TileConfig(1, 1, 4, 64, 2)}
 
 
 def attention_variants() -> list[tuple[str, ...]]:

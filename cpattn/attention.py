@@ -113,16 +113,19 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
         raise ValueError(f"kv_indptr must have batch + 1 = {len(qo_indptr)} entries like "
                          f"qo_indptr; got {len(kv_indptr)}")
     qo_lens, kv_lens = np.diff(qo_indptr), np.diff(kv_indptr)
-    packed, mask_indptr = _packed_mask(custom_mask, packed_custom_mask, mask_indptr,
-                                       qo_lens, kv_lens)
+    packed, mask_indptr, masks = _packed_mask(custom_mask, packed_custom_mask, mask_indptr,
+                                              qo_lens, kv_lens)
     cfg = _core.choose_tiles(head_dim, group, int(qo_lens.max(initial=0)))
+    queries_per_item = cfg.rows // group
     request, q_start, kv_start, kv_end = _core.partition_prefill(qo_lens, kv_lens,
-                                                                 cfg.rows // group, options.causal)
+                                                                 queries_per_item, options.causal)
     arrays = dict(num_items=np.array([len(request)], np.int32), item_request=request,
                   item_q_start=q_start, item_kv_start=kv_start, item_kv_end=kv_end,
                   qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_lens=_as32(kv_lens))
     if packed is not None:
         arrays["mask_indptr"] = mask_indptr
+        arrays["tile_class"], arrays["item_class_offset"] = mask_mod.classify_tiles(
+            masks, request, q_start, queries_per_item, cfg.tile)
     params = np.zeros((), _core.PARAMS_DTYPE)
     for name, ptr in buffer.upload(arrays, stream).items():
         if name in params.dtype.names:
@@ -250,36 +253,34 @@ def _host_indptr(indptr, name: str) -> np.ndarray:
 
 
 def _packed_mask(custom_mask, packed_custom_mask, mask_indptr, qo_lens, kv_lens):
-    """(packed uint8 mask, int32 mask_indptr in bytes) or (None, None)."""
+    """(packed uint8 mask, int32 mask_indptr in bytes, list of host 2-D masks), or Nones."""
     if custom_mask is not None and packed_custom_mask is not None:
         raise ValueError("give custom_mask or packed_custom_mask (with mask_indptr), not both")
     if custom_mask is not None:
-        flat = A.intake(custom_mask, "custom_mask")
-        if A.is_gpu(flat):
-            import cupy
-            flat = cupy.asnumpy(flat)
-        flat = flat.reshape(-1)
+        flat = _to_host(A.intake(custom_mask, "custom_mask")).reshape(-1)
         expected = int((qo_lens * kv_lens).sum())
         if flat.size != expected:
             raise ValueError(f"custom_mask must hold sum(qo_len * kv_len) = {expected} entries "
                              f"(each request's [qo_len, kv_len] block, flattened); got {flat.size}")
-        return mask_mod.pack_flat(flat, _as32(indptr_from(qo_lens)), _as32(indptr_from(kv_lens)))
+        masks = mask_mod.unflatten(flat, qo_lens, kv_lens)
+        packed, indptr = mask_mod.pack(masks)
+        return packed, indptr, masks
     if packed_custom_mask is not None:
         if mask_indptr is None:
             raise ValueError("packed_custom_mask needs mask_indptr (bytes, [batch + 1])")
         packed = A.intake(packed_custom_mask, "packed_custom_mask")
-        host = packed
-        if A.is_gpu(packed):
-            import cupy
-            host = cupy.asnumpy(packed)
-        mask_indptr = np.asarray(A.intake(mask_indptr, "mask_indptr"))
-        mask_mod.validate_packed(host, mask_indptr, qo_lens, kv_lens)
-        return packed, mask_indptr.astype(np.int32)
-    return None, None
+        mask_indptr = _to_host(A.intake(mask_indptr, "mask_indptr"))
+        masks = mask_mod.unpack(_to_host(packed), mask_indptr, qo_lens, kv_lens)
+        return packed, mask_indptr.astype(np.int32), masks
+    return None, None, None
 
 
-def indptr_from(lengths) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(lengths)])
+def _to_host(x):
+    """A NumPy view of x (a CuPy array is copied back: that syncs)."""
+    if A.is_gpu(x):
+        import cupy
+        return cupy.asnumpy(x)
+    return x
 
 
 def _as32(x) -> np.ndarray:

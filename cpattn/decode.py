@@ -65,6 +65,8 @@ class BatchDecode:
         self._partials = None  # (partial_o, partial_lse), grown as needed (fixed with graphs)
         self._outputs = None   # graph mode: (out, lse) of max_batch_size rows
         self._scratch_lse = None  # the split path's lse when run() is not asked for one
+        self._launch = self._launch_key = None
+        self._merge_launch = self._merge_key = None
 
     def plan(self, kv_indptr, kv_indices, kv_last_page_len=None, num_qo_heads=None,
              num_kv_heads=None, head_dim=None, page_size=None, *, kv_lens=None, window_left=-1,
@@ -97,8 +99,12 @@ class BatchDecode:
                       item_kv_end=work.kv_end, qo_indptr=np.arange(batch + 1, dtype=np.int32),
                       kv_indptr=kv_indptr, kv_indices=kv_indices, kv_lens=kv_lens,
                       merge_indptr=merge_indptr)
-        params = np.zeros((), _core.PARAMS_DTYPE)
         pointers = self._buffer.upload(arrays, stream)
+        rows_per_item = cfg.rows // group
+        grid = limits.max_items if limits else work.num_items
+        launch = self._launcher(cfg, dtype, head_dim, num_qo_heads, num_kv_heads, kv_layout)
+        launch.set_grid(grid)
+        params = launch.params
         for name, ptr in pointers.items():
             if name in params.dtype.names:
                 params[name] = ptr
@@ -106,23 +112,38 @@ class BatchDecode:
         params["group_size"] = group
         params["page_size"] = page_size
         options.fill(params, head_dim)
-        rows_per_item = cfg.rows // group
-        grid = limits.max_items if limits else work.num_items
+        params["partial_o"] = params["partial_lse"] = 0
+        merge = None
         if split:
             partial_o, partial_lse = self._partial_buffers(grid * rows_per_item, num_qo_heads,
                                                            head_dim)
             params["partial_o"], params["partial_lse"] = partial_o.data.ptr, partial_lse.data.ptr
-        _core.preload(cfg, dtype, head_dim, merge=split)
-        launch = _core.Launcher(params, cfg, dtype, head_dim, grid, num_kv_heads, kv_layout,
-                                paged=True)
-        merge = None
-        if split:
             rows = limits.max_batch_size if limits else batch
-            merge = VarlenMerge(partial_o, partial_lse, rows_per_item, pointers["merge_indptr"],
+            merge = self._merge(partial_o, partial_lse, rows_per_item, pointers["merge_indptr"],
                                 rows, dtype)
         self._plan = dict(launch=launch, heads=(num_qo_heads, num_kv_heads), head_dim=head_dim,
                           dtype=dtype, batch=batch, page_size=page_size, kv_layout=kv_layout,
-                          split=split, merge=merge, max_page=int(kv_indices.max(initial=-1)), checked=None)
+                          split=split, merge=merge, max_page=int(kv_indices.max(initial=-1)),
+                          checked=None)
+
+    def _launcher(self, cfg, dtype, head_dim, num_qo_heads, num_kv_heads, kv_layout):
+        """The attention launch of this shape, kept across plans (plan() rewrites its fields)."""
+        key = (cfg, dtype, head_dim, num_qo_heads, num_kv_heads, kv_layout)
+        if self._launch_key != key:
+            self._launch = _core.Launcher(np.zeros((), _core.PARAMS_DTYPE), cfg, dtype, head_dim,
+                                          0, num_kv_heads, kv_layout, paged=True)
+            self._launch_key = key
+        return self._launch
+
+    def _merge(self, partial_o, partial_lse, rows_per_item, indptr_ptr, rows, dtype):
+        """The split-KV merge of this shape, kept across plans (only its indptr may move)."""
+        key = (id(partial_o), rows_per_item, rows, dtype)
+        if self._merge_key != key:
+            self._merge_launch = VarlenMerge(partial_o, partial_lse, rows_per_item, indptr_ptr,
+                                             rows, dtype)
+            self._merge_key = key
+        self._merge_launch.set_indptr(indptr_ptr)
+        return self._merge_launch
 
     def _partial_buffers(self, rows, heads, head_dim):
         import cupy

@@ -391,3 +391,51 @@ def unpack(packed, mask_indptr, qo_lens, kv_lens):
         bits = np.unpackbits(chunk, count=n_bits, bitorder=BIT_ORDER)
         masks.append(bits.astype(np.bool_).reshape(int(qo_lens[b]), int(kv_lens[b])))
     return masks
+
+
+def classify_tiles(masks, item_request, item_q_start, queries_per_item, tile):
+    """Class of every (work item, key tile) of a custom mask: 0 empty, 1 full, 2 partial.
+
+    A work item covers queries ``[q_start, q_start + queries_per_item)`` of its request; key tile
+    i covers keys ``[tile * i, tile * (i + 1))``. Keys past a request's end do not count (they
+    are masked by bounds anyway). Kernels skip empty tiles, run full tiles without reading the
+    mask, and read bits only in partial tiles.
+
+    Parameters
+    ----------
+    masks : list of bool [qo_len_b, kv_len_b], one per request
+    item_request, item_q_start : int [num_items]
+    queries_per_item, tile : int
+
+    Returns
+    -------
+    classes : int32 [sum over items of ceil(kv_len / tile)], the items' classes back to back
+    offsets : int32 [num_items], where each item's classes start
+
+    Example
+    -------
+    >>> m = np.tril(np.ones((4, 4), bool))
+    >>> classify_tiles([m], np.array([0, 0]), np.array([0, 2]), 2, 2)
+    (array([2, 0, 1, 2], dtype=int32), array([0, 2], dtype=int32))
+    """
+    per_request = []
+    for m in masks:
+        qo_len, kv_len = m.shape
+        n_tiles = -(-kv_len // tile)
+        pad = n_tiles * tile - kv_len
+        any_ = np.pad(m, ((0, 0), (0, pad)), constant_values=False)
+        all_ = np.pad(m, ((0, 0), (0, pad)), constant_values=True)
+        per_request.append((any_.reshape(qo_len, n_tiles, tile).any(axis=2),
+                            all_.reshape(qo_len, n_tiles, tile).all(axis=2)))
+    classes, offsets, total = [], [], 0
+    for b, q0 in zip(np.asarray(item_request).tolist(), np.asarray(item_q_start).tolist()):
+        any_rows, all_rows = per_request[b]
+        rows = slice(q0, q0 + queries_per_item)
+        has_any = any_rows[rows].any(axis=0)
+        is_full = all_rows[rows].all(axis=0)
+        item = np.where(is_full, 1, np.where(has_any, 2, 0)).astype(np.int32)
+        offsets.append(total)
+        classes.append(item)
+        total += item.size
+    flat = np.concatenate(classes) if classes else np.zeros(0, np.int32)
+    return flat.astype(np.int32), np.asarray(offsets, np.int32)

@@ -118,25 +118,27 @@ class VarlenMerge:
         view = np.array((0, state_stride * heads * dim, dim, 0, state_stride * heads, 1,
                          indptr_ptr), dtype=_STATE_VIEW)[()]
         no_states = np.zeros((), dtype=_STATE_VIEW)[()]  # view b: nothing (its indptr is null)
-        self.kernel = _kernels.get_kernel(
+        kernel = _kernels.get_kernel(
             "merge_state", (_kernels.CTYPES[A.dtype_name(v.dtype)],
                             _kernels.CTYPES[A.dtype_name(np.dtype(out_dtype))]))
         threads_x = dim // (16 // v.itemsize)
         rows_per_block = max(1, _ROW_THREADS // threads_x)
-        self.grid = (-(-rows * heads // rows_per_block),)
-        self.block = (threads_x, rows_per_block)
-        self.head_args = (v, s, view, np.int32(0), v, s, no_states, np.int32(0))
-        self.tail_args = (np.int32(rows), np.int32(heads), np.int32(dim))
+        pointer = lambda x: np.uint64(x.data.ptr)
+        self._out = [np.uint64(0), np.uint64(0)]  # v_out, s_out: set on each call
+        args = [pointer(v), pointer(s), view, np.int32(0), pointer(v), pointer(s), no_states,
+                np.int32(0), *self._out, np.int32(rows), np.int32(heads), np.int32(dim)]
+        from ._core import DirectLaunch
+        self.launch = DirectLaunch(kernel, (-(-rows * heads // rows_per_block),),
+                                   (threads_x, rows_per_block), 0, args)
+        self._out = self.launch.args[8:10]
+
+    def set_indptr(self, indptr_ptr: int) -> None:
+        self.launch.args[2]["indptr"] = indptr_ptr
 
     def __call__(self, v_out, s_out, stream=None) -> None:
-        if self.grid[0] == 0:
-            return
-        args = self.head_args + (v_out, s_out) + self.tail_args
-        if stream is None:
-            self.kernel(self.grid, self.block, args)
-        else:
-            with stream:
-                self.kernel(self.grid, self.block, args)
+        self._out[0][()] = v_out.data.ptr
+        self._out[1][()] = s_out.data.ptr
+        self.launch(stream)
 
 
 def _launch(v_a, s_a, view_a, states_a, v_b, s_b, view_b, states_b, shape, stream):

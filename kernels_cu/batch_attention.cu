@@ -2,11 +2,12 @@
 // on tensor cores (mma.sync m16n8k16, fp32 accumulate). Prefill, chunked prefill and decode alike.
 //
 // Grid: x = work item of the plan (request, first query, key range), y = kv head.
-// Block: WARPS_Q x WARPS_KV warps. A CTA owns ROWS = 16 * WARPS_Q packed rows: row r is query
+// Block: WARPS_Q x WARPS_KV warps. A CTA owns ROWS = 16 * M_TILES * WARPS_Q packed rows: row r is query
 // q_start + r / group of its request, for query head kv_head * group + r % group, so each K/V tile
 // brought into shared memory serves the whole GQA group (decode: the group's heads are the rows).
-// Warp (wq, wk) computes rows [16 wq, 16 wq + 16) against keys [wk * WARP_KEYS, +WARP_KEYS) of each
-// tile; the WARPS_KV partial states of a row are merged through shared memory at the end.
+// Warp (wq, wk) computes the M_TILES blocks of 16 rows from 16 * M_TILES * wq against keys
+// [wk * WARP_KEYS, +WARP_KEYS) of each tile (each K / V fragment read from shared memory serves
+// M_TILES products); the WARPS_KV partial states of a row are merged through shared memory.
 // Tiles of TILE keys stream through STAGES shared-memory buffers with cp.async; keys past the
 // item's range are zero-filled (V included: 0 * NaN would poison the output) and masked.
 #include "common/dtypes.cuh"
@@ -28,7 +29,8 @@ struct RowsState {
 // keys for row g + 8 * (e / 2).
 template <int WARP_KEYS>
 __device__ __forceinline__ void scores_to_logits(float (&s)[WARP_KEYS / 8][4], const AttentionParams& p,
-                                                 bool masked, int first_key, int kv_end, int row0,
+                                                 bool masked, bool read_bits, int first_key,
+                                                 int kv_end, int row0,
                                                  int q_start, int diag, int b, int qo_len, int kv_len) {
   const int lane = threadIdx.x % 32;
   if (p.soft_cap_log2 > 0.f) {  // uniform: tanh only when a soft cap is on
@@ -52,7 +54,7 @@ __device__ __forceinline__ void scores_to_logits(float (&s)[WARP_KEYS / 8][4], c
       bool visible = key < kv_end;
       if (p.causal) visible &= key <= query + diag;
       if (p.window_left >= 0) visible &= key >= query + diag - p.window_left;
-      if (p.mask != nullptr && visible && query < qo_len) {
+      if (read_bits && visible && query < qo_len) {
         const long long bit = static_cast<long long>(p.mask_indptr[b]) * 8 +
                               static_cast<long long>(query) * kv_len + key;
         visible = (__ldg(p.mask + (bit >> 3)) >> (bit & 7)) & 1;
@@ -93,16 +95,22 @@ __device__ __forceinline__ void online_softmax(float (&s)[WARP_KEYS / 8][4], Row
   }
 }
 
-template <typename T, int HEAD_DIM, int WARPS_Q, int WARPS_KV, int TILE, int STAGES>
-__global__ void __launch_bounds__(32 * WARPS_Q * WARPS_KV)
+// Decode tiles keep three CTAs per SM (registers capped at 170): memory-bound work wants the
+// bytes in flight of more resident CTAs more than it wants registers.
+template <int WARPS_KV, int HEAD_DIM>
+constexpr int min_ctas_per_sm() { return WARPS_KV > 1 && HEAD_DIM <= 128 ? 3 : 1; }
+
+template <typename T, int HEAD_DIM, int M_TILES, int WARPS_Q, int WARPS_KV, int TILE, int STAGES>
+__global__ void __launch_bounds__(32 * WARPS_Q * WARPS_KV, min_ctas_per_sm<WARPS_KV, HEAD_DIM>())
 batch_attention_kernel(const AttentionParams p) {
-  constexpr int ROWS = 16 * WARPS_Q;
+  constexpr int ROWS = 16 * M_TILES * WARPS_Q;
   constexpr int CHUNKS = HEAD_DIM / 8;  // 16-byte chunks per row of q, k, v
   constexpr int THREADS = 32 * WARPS_Q * WARPS_KV;
   constexpr int WARP_KEYS = TILE / WARPS_KV;
   static_assert(HEAD_DIM % 64 == 0, "head_dim must be a multiple of 64 (swizzled tiles)");
   static_assert(WARP_KEYS % 16 == 0, "each warp takes whole 16-key steps of a tile");
   static_assert(STAGES >= 2, "cp.async pipeline needs two stages at least");
+  static_assert(M_TILES == 1 || WARPS_KV == 1, "warps split rows or keys, not both");
 
   if (blockIdx.x >= *p.num_items) return;  // fixed grids (CUDA graphs) may have spare CTAs
   const int item = blockIdx.x, kv_head = blockIdx.y;
@@ -116,6 +124,9 @@ batch_attention_kernel(const AttentionParams p) {
   int kv_begin = p.item_kv_start[item], kv_end = p.item_kv_end[item];
   if (p.causal) kv_end = min(kv_end, q_start + q_count + diag);  // the last query's last key + 1
   if (p.window_left >= 0) kv_begin = max(kv_begin, q_start + diag - p.window_left);
+  // With a classified custom mask, tiles are those of the plan: [TILE * i, TILE * (i + 1)).
+  const int* tile_class = p.tile_class != nullptr ? p.tile_class + p.item_class_offset[item] : nullptr;
+  if (tile_class != nullptr) kv_begin -= kv_begin % TILE;
   const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + TILE - 1) / TILE : 0;
 
   extern __shared__ uint4 smem[];
@@ -181,16 +192,16 @@ batch_attention_kernel(const AttentionParams p) {
   }
   fetch_pages(STAGES - 1);
 
-  RowsState<HEAD_DIM> st;
+  RowsState<HEAD_DIM> st[M_TILES];
 #pragma unroll
-  for (int n = 0; n < HEAD_DIM / 8; ++n) st.o[n][0] = st.o[n][1] = st.o[n][2] = st.o[n][3] = 0.f;
-  st.m[0] = st.m[1] = NEG_INF;
-  st.d[0] = st.d[1] = 0.f;
-
-  const int row0 = wq * 16;  // first row of this warp
-  // Rows of this warp's queries span [first_query, last_query] for the tile-level mask test.
-  const int first_query = q_start + min(row0, max(valid_rows - 1, 0)) / group;
-  const int last_query = q_start + min(row0 + 15, max(valid_rows - 1, 0)) / group;
+  for (int mt = 0; mt < M_TILES; ++mt) {
+#pragma unroll
+    for (int n = 0; n < HEAD_DIM / 8; ++n) st[mt].o[n][0] = st[mt].o[n][1] = st[mt].o[n][2] = st[mt].o[n][3] = 0.f;
+    st[mt].m[0] = st[mt].m[1] = NEG_INF;
+    st[mt].d[0] = st[mt].d[1] = 0.f;
+  }
+  const int warp_row0 = wq * M_TILES * 16;  // first row of this warp
+  const int last_row = max(valid_rows - 1, 0);
 
   for (int t = 0; t < num_tiles; ++t) {
     if (t + STAGES - 1 < num_tiles) {
@@ -204,49 +215,76 @@ batch_attention_kernel(const AttentionParams p) {
     const uint4* v_tile = v_tiles + (t % STAGES) * TILE * CHUNKS;
     const int warp_key0 = wk * WARP_KEYS;            // first key of this warp within the tile
     const int first_key = kv_begin + t * TILE + warp_key0;  // ... within the request
+    // Custom mask tile class: empty tiles cost no math, full tiles read no bits.
+    const int mask_class = tile_class != nullptr ? tile_class[(kv_begin + t * TILE) / TILE]
+                                                 : (p.mask != nullptr ? 2 : 1);
+    if (mask_class == 0) {
+      __syncthreads();  // keep the pipeline's barrier count: the stage is refilled next
+      continue;
+    }
 
-    // S = Q K^T for this warp's 16 rows x WARP_KEYS keys.
-    float s[WARP_KEYS / 8][4];
+    // S = Q K^T for this warp's rows x WARP_KEYS keys.
+    float s[M_TILES][WARP_KEYS / 8][4];
 #pragma unroll
-    for (int n = 0; n < WARP_KEYS / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int n = 0; n < WARP_KEYS / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-      unsigned a[4];
-      ldmatrix_x4(a, q_tile + swizzle<CHUNKS>(row0 + lane % 16, kk * 2 + lane / 16));
+      unsigned a[M_TILES][4];
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt)
+        ldmatrix_x4(a[mt], q_tile + swizzle<CHUNKS>(warp_row0 + mt * 16 + lane % 16, kk * 2 + lane / 16));
 #pragma unroll
       for (int n = 0; n < WARP_KEYS / 16; ++n) {
         unsigned bk[4];
         const int key_row = warp_key0 + n * 16 + (lane / 16) * 8 + lane % 8;
         ldmatrix_x4(bk, k_tile + swizzle<CHUNKS>(key_row, kk * 2 + (lane / 8) % 2));
-        mma_16816<T>(s[2 * n], a, bk[0], bk[1]);
-        mma_16816<T>(s[2 * n + 1], a, bk[2], bk[3]);
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+          mma_16816<T>(s[mt][2 * n], a[mt], bk[0], bk[1]);
+          mma_16816<T>(s[mt][2 * n + 1], a[mt], bk[2], bk[3]);
+        }
       }
     }
 
-    // Only tiles that cross the key range, the causal diagonal, the window edge, or that have a
-    // custom mask test each score.
-    const int last_key = first_key + WARP_KEYS - 1;
-    const bool masked = last_key >= kv_end || p.mask != nullptr ||
-                        (p.causal && last_key > first_query + diag) ||
-                        (p.window_left >= 0 && first_key < last_query + diag - p.window_left);
-    scores_to_logits<WARP_KEYS>(s, p, masked, first_key, kv_end, row0, q_start, diag, b, qo_len,
-                                kv_len);
-    online_softmax<HEAD_DIM, WARP_KEYS>(s, st);
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt) {
+      // Only tiles that cross the key range, the causal diagonal, the window edge, or that have
+      // a custom mask test each score. Queries of these 16 rows: [first_query, last_query].
+      const int row0 = warp_row0 + mt * 16;
+      const int first_query = q_start + min(row0, last_row) / group;
+      const int last_query = q_start + min(row0 + 15, last_row) / group;
+      const int last_key = first_key + WARP_KEYS - 1;
+      const bool masked = last_key >= kv_end || mask_class == 2 ||
+                          (p.causal && last_key > first_query + diag) ||
+                          (p.window_left >= 0 && first_key < last_query + diag - p.window_left);
+      scores_to_logits<WARP_KEYS>(s[mt], p, masked, mask_class == 2, first_key, kv_end, row0,
+                                  q_start, diag, b, qo_len, kv_len);
+      online_softmax<HEAD_DIM, WARP_KEYS>(s[mt], st[mt]);
+    }
 
     // O += P V: the probabilities' C fragments are the A fragments of this product.
 #pragma unroll
     for (int kt = 0; kt < WARP_KEYS / 16; ++kt) {
-      const unsigned a[4] = {pack_pair<T>(s[2 * kt][0], s[2 * kt][1]),
-                             pack_pair<T>(s[2 * kt][2], s[2 * kt][3]),
-                             pack_pair<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]),
-                             pack_pair<T>(s[2 * kt + 1][2], s[2 * kt + 1][3])};
+      unsigned a[M_TILES][4];
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt) {
+        a[mt][0] = pack_pair<T>(s[mt][2 * kt][0], s[mt][2 * kt][1]);
+        a[mt][1] = pack_pair<T>(s[mt][2 * kt][2], s[mt][2 * kt][3]);
+        a[mt][2] = pack_pair<T>(s[mt][2 * kt + 1][0], s[mt][2 * kt + 1][1]);
+        a[mt][3] = pack_pair<T>(s[mt][2 * kt + 1][2], s[mt][2 * kt + 1][3]);
+      }
 #pragma unroll
       for (int dn = 0; dn < HEAD_DIM / 16; ++dn) {
         unsigned bv[4];
         const int key_row = warp_key0 + kt * 16 + ((lane / 8) % 2) * 8 + lane % 8;
         ldmatrix_x4_trans(bv, v_tile + swizzle<CHUNKS>(key_row, dn * 2 + lane / 16));
-        mma_16816<T>(st.o[2 * dn], a, bv[0], bv[1]);
-        mma_16816<T>(st.o[2 * dn + 1], a, bv[2], bv[3]);
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+          mma_16816<T>(st[mt].o[2 * dn], a[mt], bv[0], bv[1]);
+          mma_16816<T>(st[mt].o[2 * dn + 1], a[mt], bv[2], bv[3]);
+        }
       }
     }
     __syncthreads();  // the stage is refilled by the next iteration's load
@@ -255,10 +293,12 @@ batch_attention_kernel(const AttentionParams p) {
 
   // Whole-row denominators: the four threads of a quad hold disjoint keys of the same rows.
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    st.d[h] += __shfl_xor_sync(0xffffffff, st.d[h], 1);
-    st.d[h] += __shfl_xor_sync(0xffffffff, st.d[h], 2);
-  }
+  for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      st[mt].d[h] += __shfl_xor_sync(0xffffffff, st[mt].d[h], 1);
+      st[mt].d[h] += __shfl_xor_sync(0xffffffff, st[mt].d[h], 2);
+    }
   if constexpr (WARPS_KV > 1) {
     // Warps wk > 0 publish (o, m, d); warp wk = 0 of each row block folds them into its own.
     constexpr int STATE = HEAD_DIM / 2 + 4;  // floats per thread: o, then m[2], d[2]
@@ -269,11 +309,11 @@ batch_attention_kernel(const AttentionParams p) {
 #pragma unroll
       for (int n = 0; n < HEAD_DIM / 8; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) mine[(n * 4 + e) * 32] = st.o[n][e];
-      mine[(HEAD_DIM / 2 + 0) * 32] = st.m[0];
-      mine[(HEAD_DIM / 2 + 1) * 32] = st.m[1];
-      mine[(HEAD_DIM / 2 + 2) * 32] = st.d[0];
-      mine[(HEAD_DIM / 2 + 3) * 32] = st.d[1];
+        for (int e = 0; e < 4; ++e) mine[(n * 4 + e) * 32] = st[0].o[n][e];
+      mine[(HEAD_DIM / 2 + 0) * 32] = st[0].m[0];
+      mine[(HEAD_DIM / 2 + 1) * 32] = st[0].m[1];
+      mine[(HEAD_DIM / 2 + 2) * 32] = st[0].d[0];
+      mine[(HEAD_DIM / 2 + 3) * 32] = st[0].d[1];
     }
     __syncthreads();
     if (wk > 0) return;
@@ -283,16 +323,16 @@ batch_attention_kernel(const AttentionParams p) {
       for (int h = 0; h < 2; ++h) {
         const float m_other = other[(HEAD_DIM / 2 + h) * 32];
         const float d_other = other[(HEAD_DIM / 2 + 2 + h) * 32];
-        const float m_new = fmaxf(st.m[h], m_other);
+        const float m_new = fmaxf(st[0].m[h], m_other);
         const float m_ref = m_new == NEG_INF ? 0.f : m_new;
-        const float mine_scale = exp2f(st.m[h] - m_ref), other_scale = exp2f(m_other - m_ref);
-        st.m[h] = m_new;
-        st.d[h] = st.d[h] * mine_scale + d_other * other_scale;
+        const float mine_scale = exp2f(st[0].m[h] - m_ref), other_scale = exp2f(m_other - m_ref);
+        st[0].m[h] = m_new;
+        st[0].d[h] = st[0].d[h] * mine_scale + d_other * other_scale;
 #pragma unroll
         for (int n = 0; n < HEAD_DIM / 8; ++n) {
-          st.o[n][2 * h] = st.o[n][2 * h] * mine_scale + other[(n * 4 + 2 * h) * 32] * other_scale;
-          st.o[n][2 * h + 1] =
-              st.o[n][2 * h + 1] * mine_scale + other[(n * 4 + 2 * h + 1) * 32] * other_scale;
+          st[0].o[n][2 * h] = st[0].o[n][2 * h] * mine_scale + other[(n * 4 + 2 * h) * 32] * other_scale;
+          st[0].o[n][2 * h + 1] =
+              st[0].o[n][2 * h + 1] * mine_scale + other[(n * 4 + 2 * h + 1) * 32] * other_scale;
         }
       }
     }
@@ -300,28 +340,31 @@ batch_attention_kernel(const AttentionParams p) {
 
   // Normalise and write: rows past valid_rows are padding.
 #pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int r = row0 + lane / 4 + 8 * h;
+    const RowsState<HEAD_DIM>& row_state = st[mt];
+    const int r = warp_row0 + mt * 16 + lane / 4 + 8 * h;
     if (r >= valid_rows) continue;
     const int query = q_start + r / group, head = kv_head * group + r % group;
-    const bool empty = st.d[h] == 0.f;  // no visible key: output 0, lse -inf
-    const float inv_d = empty ? 0.f : 1.f / st.d[h];
-    const float lse = empty ? NEG_INF : (st.m[h] + log2f(st.d[h])) * LN2;
+    const bool empty = row_state.d[h] == 0.f;  // no visible key: output 0, lse -inf
+    const float inv_d = empty ? 0.f : 1.f / row_state.d[h];
+    const float lse = empty ? NEG_INF : (row_state.m[h] + log2f(row_state.d[h])) * LN2;
     const int dim0 = 2 * (lane % 4);
     if (p.partial_o != nullptr) {
       const long long row = (static_cast<long long>(item) * (ROWS / group) + r / group) * p.num_qo_heads + head;
 #pragma unroll
       for (int n = 0; n < HEAD_DIM / 8; ++n)
-        store_pair<float>(p.partial_o + row * HEAD_DIM + n * 8 + dim0, st.o[n][2 * h] * inv_d,
-                          st.o[n][2 * h + 1] * inv_d);
+        store_pair<float>(p.partial_o + row * HEAD_DIM + n * 8 + dim0, row_state.o[n][2 * h] * inv_d,
+                          row_state.o[n][2 * h + 1] * inv_d);
       if (lane % 4 == 0) p.partial_lse[row] = lse;
     } else {
       const long long row = static_cast<long long>(qo_begin + query) * p.num_qo_heads + head;
       T* o = static_cast<T*>(p.o);
 #pragma unroll
       for (int n = 0; n < HEAD_DIM / 8; ++n)
-        store_pair<T>(o + row * HEAD_DIM + n * 8 + dim0, st.o[n][2 * h] * inv_d,
-                      st.o[n][2 * h + 1] * inv_d);
+        store_pair<T>(o + row * HEAD_DIM + n * 8 + dim0, row_state.o[n][2 * h] * inv_d,
+                      row_state.o[n][2 * h + 1] * inv_d);
       if (lane % 4 == 0 && p.lse != nullptr) p.lse[row] = lse;
     }
   }

@@ -148,3 +148,26 @@ def test_packed_mask_input_matches_bool_mask():
     out = cpattn.varlen_attention(*to_device(q, k, v), qo_indptr, kv_indptr,
                                   packed_custom_mask=packed, mask_indptr=mask_indptr)
     assert_close(cupy.asnumpy(out), ref_o, np.float16, "packed mask")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_block_sparse_mask_with_empty_and_full_tiles(dtype, head_dim):
+    """Masks made of whole 32-key blocks (empty, full) plus a causal-shaped request: the planned
+    tile classes skip empty tiles and read no bits in full ones, with the same result."""
+    import cupy
+    rng = np.random.default_rng(head_dim)
+    qo_lens, kv_lens = (300, 129, 64), (700, 129, 64)
+    blocks = [rng.random((-(-q // 16), -(-k // 32))) < 0.5 for q, k in zip(qo_lens, kv_lens)]
+    masks = [np.kron(bl, np.ones((16, 32), bool))[:q, :k] for bl, q, k in zip(blocks, qo_lens, kv_lens)]
+    masks[1] = np.tril(np.ones((129, 129), bool))  # the causal shape
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    kv_indptr = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+    q, k, v = random_qkv(rng, qo_indptr[-1], kv_indptr[-1], 8, 2, head_dim, dtype)
+    flat = cmask.flatten(masks)[0]
+    ref_o, ref_lse = reference.ragged_prefill(q, k, v, qo_indptr, kv_indptr, custom_mask=flat)
+    poison_pool(*_outputs_nbytes(qo_indptr[-1], 8, head_dim, dtype))
+    out, lse = cpattn.varlen_attention(*to_device(q, k, v), qo_indptr, kv_indptr,
+                                       custom_mask=flat, return_lse=True)
+    assert_close(cupy.asnumpy(out), ref_o, dtype, "out")
+    assert_close(cupy.asnumpy(lse), ref_lse, A.FLOAT32, "lse")

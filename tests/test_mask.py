@@ -237,3 +237,22 @@ def test_pack_rejects_non_2d_masks():
     with pytest.raises(ValueError, match=r"masks\[1\] must be 2-D \[qo_len, kv_len\]; "
                                          r"got shape \(3,\)"):
         mask.pack([np.ones((2, 2), bool), np.ones(3, bool)])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=1, max_size=4),
+       st.integers(1, 8), st.sampled_from([4, 8, 16]), st.integers(0, 2 ** 31 - 1))
+def test_classify_tiles_matches_brute_force(shapes, queries_per_item, tile, seed):
+    rng = np.random.default_rng(seed)
+    # Masks with whole empty and full blocks as well as random ones.
+    masks = [rng.random((q, k)) < rng.choice([0.0, 0.5, 1.0]) for q, k in shapes]
+    items = [(b, q0) for b, (q, _) in enumerate(shapes) for q0 in range(0, q, queries_per_item)]
+    request = np.array([b for b, _ in items], np.int64)
+    q_start = np.array([q0 for _, q0 in items], np.int64)
+    classes, offsets = mask.classify_tiles(masks, request, q_start, queries_per_item, tile)
+    for i, (b, q0) in enumerate(items):
+        m = masks[b][q0:q0 + queries_per_item]
+        for t in range(-(-m.shape[1] // tile)):
+            block = m[:, t * tile:(t + 1) * tile]
+            want = 1 if block.all() else (2 if block.any() else 0)
+            assert classes[offsets[i] + t] == want

@@ -22,6 +22,9 @@ struct AttentionParams {
   const int* item_q_start;  // [num_items] first query of the item within its request
   const int* item_kv_start; // [num_items] key range [start, end) of the item
   const int* item_kv_end;   // [num_items]
+  const int* tile_class;        // custom mask: class of each (item, key tile): 0 empty, 1 full,
+                                // 2 partial (only partial tiles read mask bits); or nullptr
+  const int* item_class_offset; // [num_items] where an item's classes start in tile_class
   long long q_stride_token, q_stride_head;                   // in elements
   long long k_stride_page, k_stride_slot, k_stride_head;     // ragged: page stride 0, slot = token
   long long v_stride_page, v_stride_slot, v_stride_head;

@@ -1,0 +1,53 @@
+// paged.cuh: addressing of paged K/V pools, shared by the kernels that write and read them.
+//
+// A pool holds num_pages pages of page_size token slots each:
+//   NHD: [num_pages, page_size, num_kv_heads, head_dim]
+//   HND: [num_pages, num_kv_heads, page_size, head_dim]
+// Token t of request b lives in slot t % page_size of its page
+// kv_indices[kv_indptr[b] + t / page_size].
+// Pools are addressed through element strides (PageStrides), which covers both layouts and views of
+// a larger buffer (one layer of a [layers, ...] allocation) alike; head_dim is contiguous.
+#pragma once
+
+namespace cpattn {
+
+enum class KVLayout : int { NHD = 0, HND = 1 };
+
+// Elements between consecutive pages, token slots and heads of a pool (the host's
+// cpattn.paged.page_strides fills it from the array's strides).
+struct PageStrides {
+  long long page, slot, head;
+
+  // Offset, in elements, of element 0 of (page, slot, head).
+  // NOTE: 64-bit: a pool is routinely larger than 2^31 elements (4 GiB of fp16), so
+  // page * stride would overflow int32 on any real cache.
+  __host__ __device__ __forceinline__ long long offset(int page_id, int slot_id,
+                                                       int head_id) const {
+    return page_id * page + slot_id * slot + head_id * head;
+  }
+};
+
+// Strides of a contiguous pool of the given layout.
+template <KVLayout LAYOUT>
+__host__ __device__ __forceinline__ PageStrides contiguous_page_strides(int page_size,
+                                                                       int num_heads,
+                                                                       int head_dim) {
+  const long long d = head_dim;
+  return LAYOUT == KVLayout::NHD
+             ? PageStrides{static_cast<long long>(page_size) * num_heads * d, num_heads * d, d}
+             : PageStrides{static_cast<long long>(page_size) * num_heads * d, d, page_size * d};
+}
+
+// Where token `token` of a request lives, given the request's first entry in kv_indices.
+struct PageSlot {
+  int page;  // page id in [0, num_pages)
+  int slot;  // token slot in [0, page_size)
+};
+
+__device__ __forceinline__ PageSlot locate_token(const int* __restrict__ kv_indices,  // [nnz_pages]
+                                                 int page_begin,  // kv_indptr[request]
+                                                 int token, int page_size) {
+  return PageSlot{kv_indices[page_begin + token / page_size], token % page_size};
+}
+
+}  // namespace cpattn
