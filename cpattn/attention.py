@@ -123,9 +123,14 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
                   item_q_start=q_start, item_kv_start=kv_start, item_kv_end=kv_end,
                   qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_lens=_as32(kv_lens))
     if packed is not None:
-        arrays["mask_indptr"] = mask_indptr
-        arrays["tile_class"], arrays["item_class_offset"] = mask_mod.classify_tiles(
+        # Each item loads only the keys of its non-empty tiles; the costliest items go first.
+        classes, offsets, key_range, work = mask_mod.classify_tiles(
             masks, request, q_start, queries_per_item, cfg.tile)
+        order = np.argsort(-work, kind="stable")
+        arrays.update(item_request=request[order], item_q_start=q_start[order],
+                      item_kv_start=key_range[order, 0].copy(),
+                      item_kv_end=key_range[order, 1].copy(), mask_indptr=mask_indptr,
+                      tile_class=classes, item_class_offset=offsets[order])
     params = np.zeros((), _core.PARAMS_DTYPE)
     for name, ptr in buffer.upload(arrays, stream).items():
         if name in params.dtype.names:

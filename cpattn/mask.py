@@ -411,12 +411,17 @@ def classify_tiles(masks, item_request, item_q_start, queries_per_item, tile):
     -------
     classes : int32 [sum over items of ceil(kv_len / tile)], the items' classes back to back
     offsets : int32 [num_items], where each item's classes start
+    key_range : int32 [num_items, 2], keys from the first to past the last non-empty tile
+        ([0, 0] when every tile is empty): the only keys the item needs to load
+    work : int32 [num_items], non-empty tiles of each item (its cost)
 
     Example
     -------
     >>> m = np.tril(np.ones((4, 4), bool))
-    >>> classify_tiles([m], np.array([0, 0]), np.array([0, 2]), 2, 2)
-    (array([2, 0, 1, 2], dtype=int32), array([0, 2], dtype=int32))
+    >>> classes, offsets, key_range, work = classify_tiles([m], np.array([0, 0]),
+    ...                                                    np.array([0, 2]), 2, 2)
+    >>> classes.tolist(), offsets.tolist(), key_range.tolist(), work.tolist()
+    ([2, 0, 1, 2], [0, 2], [[0, 2], [0, 4]], [1, 2])
     """
     per_request = []
     for m in masks:
@@ -427,15 +432,21 @@ def classify_tiles(masks, item_request, item_q_start, queries_per_item, tile):
         all_ = np.pad(m, ((0, 0), (0, pad)), constant_values=True)
         per_request.append((any_.reshape(qo_len, n_tiles, tile).any(axis=2),
                             all_.reshape(qo_len, n_tiles, tile).all(axis=2)))
-    classes, offsets, total = [], [], 0
+    classes, offsets, key_range, work, total = [], [], [], [], 0
     for b, q0 in zip(np.asarray(item_request).tolist(), np.asarray(item_q_start).tolist()):
         any_rows, all_rows = per_request[b]
         rows = slice(q0, q0 + queries_per_item)
         has_any = any_rows[rows].any(axis=0)
         is_full = all_rows[rows].all(axis=0)
         item = np.where(is_full, 1, np.where(has_any, 2, 0)).astype(np.int32)
+        used = np.flatnonzero(item)
+        kv_len = masks[b].shape[1]
+        key_range.append((used[0] * tile, min(kv_len, (used[-1] + 1) * tile)) if used.size
+                         else (0, 0))
+        work.append(used.size)
         offsets.append(total)
         classes.append(item)
         total += item.size
     flat = np.concatenate(classes) if classes else np.zeros(0, np.int32)
-    return flat.astype(np.int32), np.asarray(offsets, np.int32)
+    return (flat.astype(np.int32), np.asarray(offsets, np.int32),
+            np.asarray(key_range, np.int32).reshape(-1, 2), np.asarray(work, np.int32))

@@ -249,10 +249,17 @@ def test_classify_tiles_matches_brute_force(shapes, queries_per_item, tile, seed
     items = [(b, q0) for b, (q, _) in enumerate(shapes) for q0 in range(0, q, queries_per_item)]
     request = np.array([b for b, _ in items], np.int64)
     q_start = np.array([q0 for _, q0 in items], np.int64)
-    classes, offsets = mask.classify_tiles(masks, request, q_start, queries_per_item, tile)
+    classes, offsets, key_range, work = mask.classify_tiles(masks, request, q_start,
+                                                            queries_per_item, tile)
     for i, (b, q0) in enumerate(items):
         m = masks[b][q0:q0 + queries_per_item]
         for t in range(-(-m.shape[1] // tile)):
             block = m[:, t * tile:(t + 1) * tile]
             want = 1 if block.all() else (2 if block.any() else 0)
             assert classes[offsets[i] + t] == want
+        keys = np.flatnonzero(m.any(axis=0))
+        assert work[i] == len({k // tile for k in keys})
+        if keys.size:  # every visible key lies inside the item's key range
+            assert key_range[i, 0] <= keys[0] and keys[-1] < key_range[i, 1]
+        else:
+            assert tuple(key_range[i]) == (0, 0)
