@@ -200,4 +200,55 @@ def ragged(case, peers, time_ms, host_us, ceil):
                         _flashinfer_ragged_peers, peers, time_ms, host_us, ceil, name)
 
 
-SUITES = {"decode": decode, "prefill": prefill, "ragged": ragged}
+def chunked(case, peers, time_ms, host_us, ceil):
+    """Paged (chunked) prefill: B requests of ``new`` queries onto ``cached`` cached tokens."""
+    b, new, cached = case["batch"], case["new"], case["cached"]
+    hq, hkv, d, ps = case.get("qo_heads", 32), case.get("kv_heads", 8), case.get("head_dim", 128), \
+        case.get("page_size", 16)
+    causal = case.get("causal", True)
+    dtype = DTYPES[case.get("dtype", "float16")]
+    rng = cupy.random.default_rng(2)
+    kv_len = cached + new
+    pages_per = -(-kv_len // ps)
+    num_pages = b * pages_per
+    k_pages = _random((num_pages, ps, hkv, d), dtype, rng)
+    v_pages = _random((num_pages, ps, hkv, d), dtype, rng)
+    q = _random((b * new, hq, d), dtype, rng)
+    kv_indices = np.random.default_rng(1).permutation(num_pages).astype(np.int32)
+    kv_indptr = (np.arange(b + 1) * pages_per).astype(np.int32)
+    qo_indptr = (np.arange(b + 1) * new).astype(np.int32)
+    last = np.full(b, kv_len - (pages_per - 1) * ps, np.int32)
+    wrapper = cpattn.BatchPrefillPaged()
+    plan = lambda: wrapper.plan(qo_indptr, kv_indptr, kv_indices, last, hq, hkv, d, ps,
+                                causal=causal, dtype=dtype)
+    plan_us = host_us(plan, 10)
+    out = cupy.empty(q.shape, dtype)
+    run = lambda: wrapper.run(q, (k_pages, v_pages), out=out)
+    ms, spread = time_ms(run)
+    flops = _prefill_flops([new] * b, [kv_len] * b, hq, d, causal)
+    row = dict(case=f"B{b} {new} new onto {cached} {hq}/{hkv} hd{d} p{ps}"
+                    f"{' causal' if causal else ''}", unit="TFLOP/s", value=flops / ms / 1e9,
+               ms=ms, spread_ms=spread, plan_us=plan_us, run_us=host_us(run, 20))
+    row["pct_ceiling"] = 100 * row["value"] / ceil["matmul_bf16_TFLOPs"]
+    pages = kv_indices[:pages_per]
+    k0 = cupy.asnumpy(k_pages[pages]).reshape(-1, hkv, d)[:kv_len, :1]
+    v0 = cupy.asnumpy(v_pages[pages]).reshape(-1, hkv, d)[:kv_len, :1]
+    g = hq // hkv
+    ref, _ = reference.attend(cupy.asnumpy(q[new - 64:new, :g]), k0, v0, causal=causal)
+    row["rel_err"] = _rel_err(cupy.asnumpy(out[new - 64:new, :g]), ref)
+    row["peers"] = {}
+    torch, fi = _torch(), _flashinfer()
+    if peers and torch is not None and fi is not None:
+        workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        peer = fi.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+        dev = lambda x: torch.from_dlpack(cupy.asarray(x))
+        tq = torch.from_dlpack(q)
+        peer.plan(dev(qo_indptr), dev(kv_indptr), dev(kv_indices), dev(last), hq, hkv, d, ps,
+                  causal=causal, q_data_type=tq.dtype, kv_data_type=tq.dtype)
+        cache = (torch.from_dlpack(k_pages), torch.from_dlpack(v_pages))
+        ms, _ = time_ms(lambda: peer.run(tq, cache))
+        row["peers"]["flashinfer"] = flops / ms / 1e9
+    return row
+
+
+SUITES = {"decode": decode, "prefill": prefill, "ragged": ragged, "chunked": chunked}

@@ -9,8 +9,9 @@ from .attention import BatchPrefillRagged, single_decode, single_prefill, varlen
 from .decode import BatchDecode
 from .merge import merge_state, merge_states
 from .paged import OutOfPagesError, PagedKVCache, append_paged_kv
+from .paged_prefill import BatchPrefillPaged
 
 __version__ = "0.1.0"
-__all__ = ["BatchDecode", "BatchPrefillRagged", "KernelError", "OutOfPagesError", "PagedKVCache",
+__all__ = ["BatchDecode", "BatchPrefillPaged", "BatchPrefillRagged", "KernelError", "OutOfPagesError", "PagedKVCache",
            "append_paged_kv", "mask", "merge_state", "merge_states", "planner", "reference",
            "single_decode", "single_prefill", "varlen_attention"]

@@ -154,6 +154,39 @@ class PlanBuffer:
         return {name: base + 4 * off if name in arrays else 0 for name, off in offsets.items()}
 
 
+def check_paged_run(plan: dict, q, k_pages, v_pages, q_rows: int, q_dims: str) -> None:
+    """Run-time checks of q and a paged pool pair against the plan. Full checks the first time
+    a layout is seen; afterwards only the 16-byte alignment of the base addresses (the layers
+    of a model share shapes and strides, not addresses)."""
+    seen = (q.dtype, q.shape, q.strides, k_pages.dtype, k_pages.shape, k_pages.strides,
+            v_pages.dtype, v_pages.shape, v_pages.strides)
+    if seen == plan.get("checked"):
+        if (q.data.ptr | k_pages.data.ptr | v_pages.data.ptr) & 15:
+            raise ValueError("q, k_pages and v_pages must be 16-byte aligned")
+        return
+    hq, hkv = plan["heads"]
+    d, ps = plan["head_dim"], plan["page_size"]
+    if q.dtype != plan["dtype"]:
+        raise ValueError(f"q must have the planned dtype {A.dtype_name(plan['dtype'])}; "
+                         f"got {A.dtype_name(q.dtype)}")
+    A.check_shape(q, "q", (q_rows, hq, d), q_dims)
+    nhd = plan["kv_layout"] == "NHD"
+    pool = (None, ps, hkv, d) if nhd else (None, hkv, ps, d)
+    dims = ("[num_pages, page_size, num_kv_heads, head_dim]" if nhd
+            else "[num_pages, num_kv_heads, page_size, head_dim]")
+    for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
+        A.check_same_dtype(x, name, q, "q")
+        A.check_shape(x, name, pool, dims)
+        A.check_last_dim_contiguous(x, name)
+        A.check_vector_aligned(x, name)
+        if plan["max_page"] >= x.shape[0]:
+            raise ValueError(f"kv_indices refers to page {plan['max_page']} but {name} has "
+                             f"{x.shape[0]} pages")
+    A.check_last_dim_contiguous(q, "q")
+    A.check_vector_aligned(q, "q")
+    plan["checked"] = seen
+
+
 def kv_strides(pool, kv_layout: str, paged: bool) -> tuple[int, int, int]:
     """(page, slot, head) element strides of a K or V pool / ragged array."""
     s = A.element_strides(pool)

@@ -101,8 +101,13 @@ class BatchPrefillRagged:
 
 
 def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim,
-                options: Options, mask, q_dtype, kv_layout="NHD", stream=None) -> dict:
-    """Validate, build the work list and upload it; the plan dict run_plan() launches."""
+                options: Options, mask, q_dtype, kv_layout="NHD", pages=None, stream=None) -> dict:
+    """Validate, build the work list and upload it; the plan dict run_plan() launches.
+
+    ``pages`` is None for ragged keys (request b's keys are rows ``kv_indptr[b]:kv_indptr[b+1]``)
+    or ``(kv_indices, kv_lens, page_size)`` for a paged pool (``kv_indptr`` then counts pages;
+    both arrays already checked, e.g. by ``planner.check_page_table``).
+    """
     custom_mask, packed_custom_mask, mask_indptr = mask
     options.check(custom_mask is not None or packed_custom_mask is not None)
     _core.check_head_dim(head_dim)
@@ -112,7 +117,8 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
     if len(kv_indptr) != len(qo_indptr):
         raise ValueError(f"kv_indptr must have batch + 1 = {len(qo_indptr)} entries like "
                          f"qo_indptr; got {len(kv_indptr)}")
-    qo_lens, kv_lens = np.diff(qo_indptr), np.diff(kv_indptr)
+    qo_lens = np.diff(qo_indptr)
+    kv_lens = np.diff(kv_indptr) if pages is None else pages[1]
     packed, mask_indptr, masks = _packed_mask(custom_mask, packed_custom_mask, mask_indptr,
                                               qo_lens, kv_lens)
     cfg = _core.choose_tiles(head_dim, group, int(qo_lens.max(initial=0)))
@@ -122,6 +128,8 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
     arrays = dict(num_items=np.array([len(request)], np.int32), item_request=request,
                   item_q_start=q_start, item_kv_start=kv_start, item_kv_end=kv_end,
                   qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_lens=_as32(kv_lens))
+    if pages is not None:
+        arrays["kv_indices"] = pages[0]
     if packed is not None:
         # Each item loads only the keys of its non-empty tiles; the costliest items go first.
         classes, offsets, key_range, work = mask_mod.classify_tiles(
@@ -142,9 +150,10 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
         params["mask"] = device_mask.data.ptr
     params["num_qo_heads"] = num_qo_heads
     params["group_size"] = group
+    params["page_size"] = 0 if pages is None else pages[2]
     options.fill(params, head_dim)
     launch = _core.Launcher(params, cfg, q_dtype, head_dim, len(request), num_kv_heads,
-                            kv_layout, paged=False)
+                            kv_layout, paged=pages is not None)
     return dict(launch=launch, total_q=int(qo_indptr[-1]), total_kv=int(kv_indptr[-1]),
                 heads=(num_qo_heads, num_kv_heads), head_dim=head_dim, dtype=q_dtype,
                 mask=device_mask)

@@ -35,9 +35,10 @@ class BatchDecode:
 
     ``plan(kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
     page_size, *, kv_lens=None, window_left=-1, logits_soft_cap=0.0, sm_scale=None,
-    dtype="float16", kv_layout="NHD")`` takes the page table on the host (int32:
+    dtype="float16", kv_layout="NHD", stream=None)`` takes the page table on the host (int32:
     ``kv_indptr [batch + 1]``, ``kv_indices [kv_indptr[-1]]``, and ``kv_last_page_len [batch]``
-    or ``kv_lens [batch]``). ``run(q, kv, *, return_lse=False, out=None)`` takes
+    or ``kv_lens [batch]``, with None for ``kv_last_page_len``); its upload is ordered on
+    ``stream``. ``run(q, kv, *, return_lse=False, out=None, stream=None)`` takes
     q ``[batch, num_qo_heads, head_dim]`` and ``kv``, a ``PagedKVCache`` or a pair
     ``(k_pages, v_pages)`` of pools ``[num_pages, page_size, num_kv_heads, head_dim]`` (NHD) or
     ``[num_pages, num_kv_heads, page_size, head_dim]`` (HND); it returns out
@@ -46,15 +47,14 @@ class BatchDecode:
 
     def __init__(self, *, use_cuda_graph=False, max_batch_size=None, max_num_pages=None,
                  max_items=0):
-        import cupy
-        self._num_sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        self._num_sms = None  # read from the device on first use
         self._limits = None
         capacities = None
         if use_cuda_graph:
             if not max_batch_size or not max_num_pages:
                 raise ValueError("use_cuda_graph=True needs max_batch_size and max_num_pages: "
                                  "the buffers a captured graph uses are sized once")
-            items = max_items or max(2 * self._num_sms, max_batch_size)
+            items = max_items or max(2 * self._sms(), max_batch_size)
             self._limits = GraphLimits(max_batch_size, max_num_pages, items)
             capacities = dict(num_items=1, item_request=items, item_q_start=items,
                               item_kv_start=items, item_kv_end=items, qo_indptr=max_batch_size + 1,
@@ -68,8 +68,8 @@ class BatchDecode:
         self._launch = self._launch_key = None
         self._merge_launch = self._merge_key = None
 
-    def plan(self, kv_indptr, kv_indices, kv_last_page_len=None, num_qo_heads=None,
-             num_kv_heads=None, head_dim=None, page_size=None, *, kv_lens=None, window_left=-1,
+    def plan(self, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
+             page_size, *, kv_lens=None, window_left=-1,
              logits_soft_cap=0.0, sm_scale=None, dtype="float16", kv_layout="NHD", stream=None):
         _check_layout(kv_layout)
         options = Options(False, sm_scale, window_left, logits_soft_cap)
@@ -85,7 +85,7 @@ class BatchDecode:
         cfg = _core.choose_tiles(head_dim, group, 1)
         ctas_per_sm = max(1, min(4, _SMEM_PER_SM // cfg.smem_bytes(head_dim)))
         limits = self._limits
-        work = planner.partition_decode(kv_lens, num_kv_heads, num_sms=self._num_sms,
+        work = planner.partition_decode(kv_lens, num_kv_heads, num_sms=self._sms(),
                                         ctas_per_sm=ctas_per_sm, tile=cfg.tile,
                                         max_items=limits.max_items if limits else None)
         split = work.split or limits is not None
@@ -126,6 +126,19 @@ class BatchDecode:
                           split=split, merge=merge, max_page=int(kv_indices.max(initial=-1)),
                           checked=None)
 
+    def _sms(self) -> int:
+        if self._num_sms is None:
+            import cupy
+            self._num_sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        return self._num_sms
+
+    @property
+    def fixed_outputs(self):
+        """CUDA-graph mode: the (out ``[max_batch_size, Hq, D]``, lse ``[max_batch_size, Hq]``)
+        buffers every captured run writes (rows past the planned batch hold 0 and -inf); None
+        before the first run and outside graph mode."""
+        return self._outputs if self._limits is not None else None
+
     def _launcher(self, cfg, dtype, head_dim, num_qo_heads, num_kv_heads, kv_layout):
         """The attention launch of this shape, kept across plans (plan() rewrites its fields)."""
         key = (cfg, dtype, head_dim, num_qo_heads, num_kv_heads, kv_layout)
@@ -165,7 +178,8 @@ class BatchDecode:
         if not on_gpu:
             raise TypeError("BatchDecode runs CuPy (GPU) arrays; cpattn.reference.paged_decode "
                             "is the NumPy path")
-        self._check_run(q, k_pages, v_pages)
+        _core.check_paged_run(self._plan, q, k_pages, v_pages, plan["batch"],
+                              "[batch, num_qo_heads, head_dim]")
         out, lse = self._run_outputs(q, out, return_lse)
         if plan["split"]:
             # The kernel writes fp32 partial states (params.partial_o is set); merge them.
@@ -176,37 +190,6 @@ class BatchDecode:
         if self._limits is not None:
             out, lse = out[:plan["batch"]], lse[:plan["batch"]]
         return (out, lse) if return_lse else out
-
-    def _check_run(self, q, k_pages, v_pages) -> None:
-        """Full checks the first time a layout is seen; afterwards only the 16-byte alignment
-        of the base addresses (layers share shapes and strides, not addresses)."""
-        plan = self._plan
-        seen = (q.dtype, q.shape, q.strides, k_pages.dtype, k_pages.shape, k_pages.strides,
-                v_pages.dtype, v_pages.shape, v_pages.strides)
-        if seen == plan["checked"]:
-            if (q.data.ptr | k_pages.data.ptr | v_pages.data.ptr) & 15:
-                raise ValueError("q, k_pages and v_pages must be 16-byte aligned")
-            return
-        hq, hkv = plan["heads"]
-        d, ps = plan["head_dim"], plan["page_size"]
-        if q.dtype != plan["dtype"]:
-            raise ValueError(f"q must have the planned dtype {A.dtype_name(plan['dtype'])}; "
-                             f"got {A.dtype_name(q.dtype)}")
-        A.check_shape(q, "q", (plan["batch"], hq, d), "[batch, num_qo_heads, head_dim]")
-        pool = (None, ps, hkv, d) if plan["kv_layout"] == "NHD" else (None, hkv, ps, d)
-        dims = ("[num_pages, page_size, num_kv_heads, head_dim]" if plan["kv_layout"] == "NHD"
-                else "[num_pages, num_kv_heads, page_size, head_dim]")
-        for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
-            A.check_same_dtype(x, name, q, "q")
-            A.check_shape(x, name, pool, dims)
-            A.check_last_dim_contiguous(x, name)
-            A.check_vector_aligned(x, name)
-            if plan["max_page"] >= x.shape[0]:
-                raise ValueError(f"kv_indices refers to page {plan['max_page']} but {name} has "
-                                 f"{x.shape[0]} pages")
-        A.check_last_dim_contiguous(q, "q")
-        A.check_vector_aligned(q, "q")
-        plan["checked"] = seen
 
     def _run_outputs(self, q, out, return_lse):
         import cupy

@@ -25,8 +25,9 @@ struct RowsState {
   float d[2];                // this thread's part of the running denominators
 };
 
-// Scores of one tile: scale, soft cap, then (tiles that need it) mask. s[n][e] is key (n * 8 + 2c + e % 2) of the warp's
-// keys for row g + 8 * (e / 2).
+// Scores of one tile: soft cap (if on), then (tiles that need it) mask. s[n][e] is key
+// (n * 8 + 2c + e % 2) of the warp's keys for row g + 8 * (e / 2). Without a soft cap the
+// scores stay unscaled: online_softmax folds the scale into the exponent's FMA.
 template <int WARP_KEYS>
 __device__ __forceinline__ void scores_to_logits(float (&s)[WARP_KEYS / 8][4], const AttentionParams& p,
                                                  bool masked, bool read_bits, int first_key,
@@ -38,11 +39,6 @@ __device__ __forceinline__ void scores_to_logits(float (&s)[WARP_KEYS / 8][4], c
     for (int n = 0; n < WARP_KEYS / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[n][e] = p.soft_cap_log2 * tanhf(s[n][e] * p.logits_scale);
-  } else {
-#pragma unroll
-    for (int n = 0; n < WARP_KEYS / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] *= p.logits_scale;
   }
   if (!masked) return;
 #pragma unroll
@@ -65,8 +61,11 @@ __device__ __forceinline__ void scores_to_logits(float (&s)[WARP_KEYS / 8][4], c
 }
 
 // Online softmax over one tile: new maxima, rescale O and d, scores -> probabilities in place.
+// `scale` turns scores into log2-domain logits (1 when the soft cap already did); the running
+// maxima st.m are kept in that domain.
 template <int HEAD_DIM, int WARP_KEYS>
-__device__ __forceinline__ void online_softmax(float (&s)[WARP_KEYS / 8][4], RowsState<HEAD_DIM>& st) {
+__device__ __forceinline__ void online_softmax(float (&s)[WARP_KEYS / 8][4], RowsState<HEAD_DIM>& st,
+                                               float scale) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float tile_max = NEG_INF;
@@ -74,22 +73,26 @@ __device__ __forceinline__ void online_softmax(float (&s)[WARP_KEYS / 8][4], Row
     for (int n = 0; n < WARP_KEYS / 8; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
-    const float m_new = fmaxf(st.m[h], tile_max);
+    const float m_new = fmaxf(st.m[h], tile_max * scale);  // scale > 0: max commutes with it
     // A row that has seen no visible key keeps m = -inf: subtract 0 instead, so that
     // exp2(-inf - m) is 0 and never exp2(-inf + inf) = NaN.
     const float m_ref = m_new == NEG_INF ? 0.f : m_new;
     const float rescale = exp2f(st.m[h] - m_ref);
     st.m[h] = m_new;
     st.d[h] *= rescale;
+    // Once the maxima settle most tiles leave them unchanged: skip the multiply by 1 when no row
+    // of the warp moved (warp-uniform, so no divergence).
+    if (__any_sync(0xffffffff, rescale != 1.f)) {
 #pragma unroll
-    for (int n = 0; n < HEAD_DIM / 8; ++n) {
-      st.o[n][2 * h] *= rescale;
-      st.o[n][2 * h + 1] *= rescale;
+      for (int n = 0; n < HEAD_DIM / 8; ++n) {
+        st.o[n][2 * h] *= rescale;
+        st.o[n][2 * h + 1] *= rescale;
+      }
     }
 #pragma unroll
     for (int n = 0; n < WARP_KEYS / 8; ++n) {
-      s[n][2 * h] = exp2f(s[n][2 * h] - m_ref);
-      s[n][2 * h + 1] = exp2f(s[n][2 * h + 1] - m_ref);
+      s[n][2 * h] = exp2f(fmaf(s[n][2 * h], scale, -m_ref));
+      s[n][2 * h + 1] = exp2f(fmaf(s[n][2 * h + 1], scale, -m_ref));
       st.d[h] += s[n][2 * h] + s[n][2 * h + 1];
     }
   }
@@ -201,6 +204,7 @@ batch_attention_kernel(const AttentionParams p) {
     st[mt].d[0] = st[mt].d[1] = 0.f;
   }
   const int warp_row0 = wq * M_TILES * 16;  // first row of this warp
+  const float logits_scale = p.soft_cap_log2 > 0.f ? 1.f : p.logits_scale;
   const int last_row = max(valid_rows - 1, 0);
 
   for (int t = 0; t < num_tiles; ++t) {
@@ -261,7 +265,7 @@ batch_attention_kernel(const AttentionParams p) {
                           (p.window_left >= 0 && first_key < last_query + diag - p.window_left);
       scores_to_logits<WARP_KEYS>(s[mt], p, masked, mask_class == 2, first_key, kv_end, row0,
                                   q_start, diag, b, qo_len, kv_len);
-      online_softmax<HEAD_DIM, WARP_KEYS>(s[mt], st[mt]);
+      online_softmax<HEAD_DIM, WARP_KEYS>(s[mt], st[mt], logits_scale);
     }
 
     // O += P V: the probabilities' C fragments are the A fragments of this product.

@@ -139,7 +139,7 @@ def test_cuda_graph_capture_replan_replay():
         with stream:
             graph.launch(stream)
         stream.synchronize()
-        out = wrapper._outputs[0][:max_batch]
+        out = wrapper.fixed_outputs[0][:max_batch]
         ref_o, _ = reference.paged_decode(cupy.asnumpy(q), cupy.asnumpy(k), cupy.asnumpy(v),
                                           kv_indptr, kv_indices, kv_lens=kv_lens)
         assert_close(cupy.asnumpy(out), ref_o, np.float16, f"replay {lens}")

@@ -1,0 +1,70 @@
+"""BatchPrefillPaged: many new queries per request against its paged KV cache (chunked prefill).
+
+Each request's new tokens attend to its cached tokens and to themselves, causal bottom-right:
+query i of ``qo_len`` sees key j of ``kv_len`` iff ``j <= i + kv_len - qo_len`` (the new tokens'
+own K/V are the last ``qo_len`` entries of the cache, appended before the call).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _arrays as A
+from . import _core, planner
+from ._core import Options
+from .attention import _check_layout, _outputs, attention_dtype, plan_ragged
+
+_INT32_MAX = 2 ** 31 - 1
+
+
+class BatchPrefillPaged:
+    """Prefill (and chunked prefill) over a paged KV cache.
+
+    ``plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads,
+    head_dim, page_size, *, kv_lens=None, causal=False, custom_mask=None,
+    packed_custom_mask=None, mask_indptr=None, window_left=-1, logits_soft_cap=0.0,
+    sm_scale=None, dtype="float16", kv_layout="NHD", stream=None)`` takes host int32 arrays:
+    ``qo_indptr [batch + 1]`` (query rows of each request), ``kv_indptr [batch + 1]`` (pages),
+    ``kv_indices [kv_indptr[-1]]``, and ``kv_last_page_len [batch]`` or ``kv_lens [batch]``
+    (then None for ``kv_last_page_len``).
+    Custom masks are per request ``[qo_len, kv_len]`` blocks (flattened bool, or packed bits with
+    ``mask_indptr`` in bytes). ``run(q, kv, *, return_lse=False, out=None, stream=None)`` takes
+    q ``[qo_indptr[-1], num_qo_heads, head_dim]`` and a ``PagedKVCache`` or ``(k_pages, v_pages)``.
+    """
+
+    def __init__(self):
+        self._buffer = _core.PlanBuffer()
+        self._plan = None
+
+    def plan(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads,
+             head_dim, page_size, *, kv_lens=None, causal=False,
+             custom_mask=None, packed_custom_mask=None, mask_indptr=None, window_left=-1,
+             logits_soft_cap=0.0, sm_scale=None, dtype="float16", kv_layout="NHD", stream=None):
+        _check_layout(kv_layout)
+        kv_indptr = planner.host_index(kv_indptr, "kv_indptr")
+        kv_indices = planner.host_index(kv_indices, "kv_indices")
+        kv_lens = planner.check_page_table(kv_indptr, kv_indices, _INT32_MAX, page_size,
+                                           kv_lens=kv_lens, kv_last_page_len=kv_last_page_len)
+        options = Options(causal, sm_scale, window_left, logits_soft_cap)
+        plan = plan_ragged(self._buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads,
+                           head_dim, options, (custom_mask, packed_custom_mask, mask_indptr),
+                           attention_dtype(dtype), kv_layout,
+                           pages=(kv_indices, kv_lens, page_size), stream=stream)
+        plan.update(page_size=page_size, kv_layout=kv_layout,
+                    max_page=int(kv_indices.max(initial=-1)), checked=None)
+        self._plan = plan
+
+    def run(self, q, kv, *, return_lse=False, out=None, stream=None):
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("run() before plan(): plan the batch first")
+        k_pages, v_pages = (kv.k_pages, kv.v_pages) if hasattr(kv, "k_pages") else kv
+        arrs, on_gpu = A.intake_all({"q": q, "k_pages": k_pages, "v_pages": v_pages, "out": out})
+        q, k_pages, v_pages, out = arrs.values()
+        if not on_gpu:
+            raise TypeError("BatchPrefillPaged runs CuPy (GPU) arrays; "
+                            "cpattn.reference.paged_prefill is the NumPy path")
+        _core.check_paged_run(plan, q, k_pages, v_pages, plan["total_q"],
+                              "[qo_indptr[-1], num_qo_heads, head_dim]")
+        out, lse = _outputs(q, out, return_lse)
+        plan["launch"](q, k_pages, v_pages, out, lse, stream)
+        return (out, lse) if return_lse else out
