@@ -4,6 +4,7 @@ CuPy arrays (or DLPack tensors on a CUDA device) run the CUDA kernels; NumPy arr
 float64 NumPy reference (``cpattn.reference``) with the same semantics.
 """
 from . import mask, planner, reference
+from ._arrays import gpu_available
 from ._kernels import KernelError
 from .attention import BatchPrefillRagged, single_decode, single_prefill, varlen_attention
 from .decode import BatchDecode
@@ -12,6 +13,7 @@ from .paged import OutOfPagesError, PagedKVCache, append_paged_kv
 from .paged_prefill import BatchPrefillPaged
 
 __version__ = "0.1.0"
-__all__ = ["BatchDecode", "BatchPrefillPaged", "BatchPrefillRagged", "KernelError", "OutOfPagesError", "PagedKVCache",
-           "append_paged_kv", "mask", "merge_state", "merge_states", "planner", "reference",
-           "single_decode", "single_prefill", "varlen_attention"]
+__all__ = ["BatchDecode", "BatchPrefillPaged", "BatchPrefillRagged", "KernelError",
+           "OutOfPagesError", "PagedKVCache", "append_paged_kv", "gpu_available", "mask",
+           "merge_state", "merge_states", "planner", "reference", "single_decode",
+           "single_prefill", "varlen_attention"]

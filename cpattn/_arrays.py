@@ -31,6 +31,14 @@ def dtype_name(dt) -> str:
     return "bfloat16" if np.dtype(dt) == BFLOAT16 else np.dtype(dt).name
 
 
+def gpu_available() -> bool:
+    """True when CuPy is installed and sees at least one CUDA device."""
+    try:
+        return cupy is not None and cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no driver, or a driver without devices
+        return False
+
+
 def is_gpu(x) -> bool:
     """True for a CuPy array."""
     return cupy is not None and isinstance(x, cupy.ndarray)

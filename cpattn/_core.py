@@ -154,6 +154,16 @@ class PlanBuffer:
         return {name: base + 4 * off if name in arrays else 0 for name, off in offsets.items()}
 
 
+def paged_inputs(q, kv, out, wrapper: str, reference_op: str):
+    """Take in q, a pool pair (a PagedKVCache or ``(k_pages, v_pages)``) and out: all on the GPU."""
+    k_pages, v_pages = (kv.k_pages, kv.v_pages) if hasattr(kv, "k_pages") else kv
+    arrs, on_gpu = A.intake_all({"q": q, "k_pages": k_pages, "v_pages": v_pages, "out": out})
+    if not on_gpu:
+        raise TypeError(f"{wrapper} runs CuPy (GPU) arrays; cpattn.reference.{reference_op} is "
+                        "the NumPy path")
+    return tuple(arrs.values())
+
+
 def check_paged_run(plan: dict, q, k_pages, v_pages, q_rows: int, q_dims: str) -> None:
     """Run-time checks of q and a paged pool pair against the plan. Full checks the first time
     a layout is seen; afterwards only the 16-byte alignment of the base addresses (the layers

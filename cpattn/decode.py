@@ -172,12 +172,7 @@ class BatchDecode:
         plan = self._plan
         if plan is None:
             raise RuntimeError("run() before plan(): plan the batch first")
-        k_pages, v_pages = (kv.k_pages, kv.v_pages) if hasattr(kv, "k_pages") else kv
-        arrs, on_gpu = A.intake_all({"q": q, "k_pages": k_pages, "v_pages": v_pages, "out": out})
-        q, k_pages, v_pages, out = arrs.values()
-        if not on_gpu:
-            raise TypeError("BatchDecode runs CuPy (GPU) arrays; cpattn.reference.paged_decode "
-                            "is the NumPy path")
+        q, k_pages, v_pages, out = _core.paged_inputs(q, kv, out, "BatchDecode", "paged_decode")
         _core.check_paged_run(self._plan, q, k_pages, v_pages, plan["batch"],
                               "[batch, num_qo_heads, head_dim]")
         out, lse = self._run_outputs(q, out, return_lse)

@@ -31,16 +31,9 @@ BATCH, HEADS_QO, HEADS_KV, HEAD_DIM, PAGE_SIZE = 8, 32, 8, 128, 16
 NUM_PAGES = 1024  # 16384 token slots in the pools
 
 
-def on_gpu() -> bool:
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
 
 def main() -> int:
-    if not on_gpu():
+    if not cpattn.gpu_available():
         print("cuda_graph_decode: CUDA graphs need a CUDA GPU and CuPy; none found, nothing to "
               "run (the other examples show the CPU reference path).")
         return 0

@@ -23,13 +23,6 @@ QO_LENS = [6, 16, 1, 9]
 KV_LENS = [20, 16, 33, 9]
 
 
-def on_gpu() -> bool:
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
 
 def padded_masks(rng) -> np.ndarray:
     """One padded bool mask [batch, max_qo_len, max_kv_len] with a different pattern per request;
@@ -66,7 +59,7 @@ def main() -> None:
     k = rng.standard_normal((kv_indptr[-1], HEADS_KV, HEAD_DIM)).astype(np.float16)
     v = rng.standard_normal((kv_indptr[-1], HEADS_KV, HEAD_DIM)).astype(np.float16)
 
-    gpu = on_gpu()
+    gpu = cpattn.gpu_available()
     if gpu:
         import cupy
         dq, dk, dv = cupy.asarray(q), cupy.asarray(k), cupy.asarray(v)

@@ -11,13 +11,6 @@ import cpattn
 from cpattn import reference
 
 
-def on_gpu() -> bool:
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
 
 def main() -> None:
     rng = np.random.default_rng(0)
@@ -25,7 +18,7 @@ def main() -> None:
     q = rng.standard_normal((qo_len, heads, head_dim)).astype(np.float16)
     k = rng.standard_normal((kv_len, heads, head_dim)).astype(np.float16)
     v = rng.standard_normal((kv_len, heads, head_dim)).astype(np.float16)
-    gpu = on_gpu()
+    gpu = cpattn.gpu_available()
     where = "CUDA kernel on the GPU" if gpu else "NumPy reference on the CPU"
 
     # The main op: attention of 16 queries over 96 keys, causal aligned bottom-right (query i

@@ -36,16 +36,9 @@ BANK = 4096      # rows of pregenerated random K/V and q, sliced every step
 CHECK_LAYER = 3
 
 
-def on_gpu() -> bool:
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
 
 def main() -> int:
-    if not on_gpu():
+    if not cpattn.gpu_available():
         print("serving_loop: the paged decode loop (BatchDecode) needs a CUDA GPU and CuPy; none "
               "found, nothing to run.")
         return 0

@@ -6,11 +6,8 @@ import pytest
 
 @functools.lru_cache(maxsize=None)
 def gpu_available() -> bool:
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no CuPy, no driver, or no device
-        return False
+    from cpattn import gpu_available as available
+    return available()
 
 
 def pytest_collection_modifyitems(config, items):
