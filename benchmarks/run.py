@@ -104,6 +104,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="first case of each suite only")
     parser.add_argument("--peers", action="store_true", help="run torch SDPA / FlashInfer too")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--results", help="also write the Markdown table to this file "
+                        "(benchmarks/RESULTS.md holds the latest H200 run)")
     args = parser.parse_args(argv)
     env, ceil = environment(), ceilings()
     print(f"{env['gpu']}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul "
@@ -113,11 +115,12 @@ def main(argv=None) -> int:
         config = yaml.safe_load(Path(path).read_text())
         cases = config["cases"][:1] if args.quick else config["cases"]
         for i, case in enumerate(cases, 1):
-            row = suites.SUITES[config["suite"]](case, args.peers, time_ms, host_us, ceil)
-            row["suite"] = config["suite"]
+            suite = case.get("suite", config.get("suite"))  # a preset file mixes suites
+            row = suites.SUITES[suite](case, args.peers, time_ms, host_us, ceil)
+            row["suite"] = case.get("name", suite)
             results.append(row)
             peers = ", ".join(f"{k} {v:.0f}" for k, v in row.get("peers", {}).items() if v)
-            print(f"[{config['suite']} {i}/{len(cases)}] {row['case']}: {row['value']:.0f} "
+            print(f"[{row['suite']} {i}/{len(cases)}] {row['case']}: {row['value']:.0f} "
                   f"{row['unit']} ({row['pct_ceiling']:.0f}% of ceiling) err {row['rel_err']:.1e}"
                   f"{'; ' + peers if peers else ''}", flush=True)
     out = Path(args.out)
@@ -127,8 +130,35 @@ def main(argv=None) -> int:
         {"environment": env, "ceilings": ceil, "results": results}, indent=1))
     table = markdown(results, env, ceil, command)
     (out / "results.md").write_text(table)
+    if args.results:
+        Path(args.results).write_text("# Latest results\n\nWritten by `benchmarks/run.py --results`;"
+                                      " peers ran in the same process on the same inputs.\n\n"
+                                      + table)
+    plot(results, out / "results.png")
     print(table)
     return 0
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """cpattn / best peer for every case with a peer, as a PNG (skipped without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [(f"{r['suite']}: {r['case']}", r["value"] / max(v for v in r["peers"].values() if v))
+            for r in results if any(r.get("peers", {}).values())]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.2))
+    ax.barh([name for name, _ in rows], [ratio for _, ratio in rows])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("cpattn / best peer (same run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,15 @@ def _flashinfer():
         return None
 
 
+def _attention_options(case) -> dict:
+    """Per-case options beyond the shapes (model presets: Gemma-2's soft cap, sliding windows)."""
+    return {k: case[k] for k in ("logits_soft_cap", "window_left") if k in case}
+
+
+def _describe(opts) -> str:
+    return "".join(f" {k}={v}" for k, v in opts.items())
+
+
 def _random(shape, dtype, rng):
     return rng.standard_normal(shape, dtype=np.float32).astype(dtype)
 
@@ -54,29 +63,32 @@ def decode(case, peers, time_ms, host_us, ceil):
     kv_indices = np.random.default_rng(0).permutation(num_pages).astype(np.int32)
     kv_indptr = (np.arange(b + 1) * pages_per).astype(np.int32)
     last = np.full(b, length - (pages_per - 1) * ps, np.int32)
+    opts = _attention_options(case)
     wrapper = cpattn.BatchDecode()
-    plan = lambda: wrapper.plan(kv_indptr, kv_indices, last, hq, hkv, d, ps, dtype=dtype)
+    plan = lambda: wrapper.plan(kv_indptr, kv_indices, last, hq, hkv, d, ps, dtype=dtype, **opts)
     plan_us = host_us(plan, 20)
     out = cupy.empty((b, hq, d), dtype)
     run = lambda: wrapper.run(q, (k_pages, v_pages), out=out)
     ms, spread = time_ms(run)
     run_us = host_us(run)
     nbytes = 2 * b * length * hkv * d * np.dtype(dtype).itemsize
-    row = dict(case=f"B{b} L{length} {hq}/{hkv} hd{d} p{ps}", unit="GB/s", value=nbytes / ms / 1e6,
+    row = dict(case=f"B{b} L{length} {hq}/{hkv} hd{d} p{ps}{_describe(opts)}", unit="GB/s",
+               value=nbytes / ms / 1e6,
                ms=ms, spread_ms=spread, plan_us=plan_us, run_us=run_us)
     row["pct_ceiling"] = 100 * row["value"] / ceil["copy_GBps"]
     # Sample check: request 0 against the reference.
     pages = kv_indices[:pages_per]
     k0 = cupy.asnumpy(k_pages[pages]).reshape(-1, hkv, d)[:length]
     v0 = cupy.asnumpy(v_pages[pages]).reshape(-1, hkv, d)[:length]
-    ref, _ = reference.single_decode(cupy.asnumpy(q[0]), k0, v0)
+    ref, _ = reference.single_decode(cupy.asnumpy(q[0]), k0, v0, **opts)
     row["rel_err"] = _rel_err(cupy.asnumpy(out[0]), ref)
     row["peers"] = _decode_peers(case, q, k_pages, v_pages, kv_indptr, kv_indices, last,
-                                 (hq, hkv, d, ps), nbytes, time_ms) if peers else {}
+                                 (hq, hkv, d, ps), nbytes, time_ms, opts) if peers else {}
     return row
 
 
-def _decode_peers(case, q, k_pages, v_pages, kv_indptr, kv_indices, last, dims, nbytes, time_ms):
+def _decode_peers(case, q, k_pages, v_pages, kv_indptr, kv_indices, last, dims, nbytes, time_ms,
+                  opts):
     torch, fi = _torch(), _flashinfer()
     if torch is None or fi is None:
         return {}
@@ -87,7 +99,9 @@ def _decode_peers(case, q, k_pages, v_pages, kv_indptr, kv_indices, last, dims, 
     cache = (torch.from_dlpack(k_pages), torch.from_dlpack(v_pages))
     dev = lambda x: torch.from_dlpack(cupy.asarray(x))
     wrapper.plan(dev(kv_indptr), dev(kv_indices), dev(last), hq, hkv, d, ps,
-                 q_data_type=tq.dtype, kv_data_type=tq.dtype)
+                 q_data_type=tq.dtype, kv_data_type=tq.dtype,
+                 window_left=opts.get("window_left", -1),
+                 logits_soft_cap=opts.get("logits_soft_cap") or None)
     ms, _ = time_ms(lambda: wrapper.run(tq, cache))
     return {"flashinfer": nbytes / ms / 1e6}
 
@@ -103,7 +117,7 @@ def _prefill_flops(qo_lens, kv_lens, hq, d, causal):
 
 
 def _ragged_case(qo_lens, kv_lens, hq, hkv, d, causal, dtype, peers_kind, peers, time_ms,
-                 host_us, ceil, name, causal_mask=False):
+                 host_us, ceil, name, causal_mask=False, opts=None):
     rng = cupy.random.default_rng(1)
     qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
     kv_indptr = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
@@ -115,8 +129,9 @@ def _ragged_case(qo_lens, kv_lens, hq, hkv, d, causal, dtype, peers_kind, peers,
     if causal_mask:  # causality given as a custom mask (bottom-right lower triangles)
         mask = cpattn.mask.flatten([np.tri(q, k, k - q, dtype=bool)
                                     for q, k in zip(qo_lens, kv_lens)])[0]
+    opts = opts or {}
     plan = lambda: wrapper.plan(qo_indptr, kv_indptr, hq, hkv, d, causal=causal and not causal_mask,
-                                custom_mask=mask, dtype=dtype)
+                                custom_mask=mask, dtype=dtype, **opts)
     plan_us = host_us(plan, 3 if causal_mask else 10)
     out = cupy.empty(q.shape, dtype)
     run = lambda: wrapper.run(q, k, v, out=out)
@@ -129,10 +144,11 @@ def _ragged_case(qo_lens, kv_lens, hq, hkv, d, causal, dtype, peers_kind, peers,
     g = hq // hkv
     q0, k0, v0 = (cupy.asnumpy(x) for x in (q[:qo_lens[0]], k[:kv_lens[0]], v[:kv_lens[0]]))
     tail = min(64, qo_lens[0])
-    ref, _ = reference.attend(q0[-tail:, :g], k0[:, :1], v0[:, :1], causal=causal)
+    ref, _ = reference.attend(q0[-tail:, :g], k0[:, :1], v0[:, :1], causal=causal, **opts)
     row["rel_err"] = _rel_err(cupy.asnumpy(out[qo_lens[0] - tail:qo_lens[0], :g]), ref)
+    # Peers run plain (causal) attention: with extra options their figure would not compare.
     row["peers"] = peers_kind(q, k, v, qo_indptr, kv_indptr, qo_lens, (hq, hkv, d), causal,
-                              flops, time_ms) if peers else {}
+                              flops, time_ms) if peers and not opts else {}
     return row
 
 
@@ -182,10 +198,11 @@ def prefill(case, peers, time_ms, host_us, ceil):
     causal = case.get("causal", False)
     causal_mask = case.get("causal_mask", False)
     kind = " causal-shaped custom mask" if causal_mask else (" causal" if causal else "")
-    name = f"B{b} S{s} {hq}/{hkv} hd{d}{kind}"
+    opts = _attention_options(case)
+    name = f"B{b} S{s} {hq}/{hkv} hd{d}{kind}{_describe(opts)}"
     return _ragged_case([s] * b, [s] * b, hq, hkv, d, causal or causal_mask,
                         DTYPES[case.get("dtype", "float16")], _sdpa_peers, peers, time_ms, host_us,
-                        ceil, name, causal_mask)
+                        ceil, name, causal_mask, opts)
 
 
 def ragged(case, peers, time_ms, host_us, ceil):
