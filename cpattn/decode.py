@@ -87,7 +87,8 @@ class BatchDecode:
         limits = self._limits
         work = planner.partition_decode(kv_lens, num_kv_heads, num_sms=self._sms(),
                                         ctas_per_sm=ctas_per_sm, tile=cfg.tile,
-                                        max_items=limits.max_items if limits else None)
+                                        max_items=limits.max_items if limits else None,
+                                        balance_waves=True)
         split = work.split or limits is not None
         merge_indptr = work.merge_indptr
         if limits is not None:

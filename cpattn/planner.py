@@ -283,8 +283,8 @@ def _round_up(x, multiple):
 
 
 def partition_decode(kv_lens, num_kv_heads: int, *, num_sms: int, ctas_per_sm: int = 2,
-                     min_chunk: int = 256, tile: int = 16, max_items: int | None = None
-                     ) -> DecodeWork:
+                     min_chunk: int = 256, tile: int = 16, max_items: int | None = None,
+                     balance_waves: bool = False) -> DecodeWork:
     """Cut the requests of a decode batch into items (kv chunks) that fill the GPU.
 
     Heuristic. The GPU has ``slots = num_sms * ctas_per_sm`` CTA slots; each item runs
@@ -301,6 +301,9 @@ def partition_decode(kv_lens, num_kv_heads: int, *, num_sms: int, ctas_per_sm: i
     With ``split`` False, ``chunk_size`` is the longest request rounded up to ``tile``.
     Chunks start at multiples of ``chunk_size``: pass ``tile = lcm(tile, page_size)`` for chunks
     that begin on a page boundary.
+
+    ``balance_waves``: a batch that fills the GPU is still cut (longest request in 2 to 4
+    chunks) when that fills the last wave of CTAs much better; see ``_wave_chunk``.
 
     ``max_items`` (the capacity of fixed buffers under CUDA-graph capture) lowers the budget:
     chunk_size grows until the items fit. If ``batch > max_items`` it cannot fit (every request
@@ -353,6 +356,10 @@ def partition_decode(kv_lens, num_kv_heads: int, *, num_sms: int, ctas_per_sm: i
                              "needs at least one work item")
         budget = min(budget, max_items)
     if batch * num_kv_heads >= slots or batch >= budget or longest == 0:
+        if balance_waves and max_items is None and longest > 0:
+            chunk = _wave_chunk(kv_lens, num_kv_heads, slots, _round_up(min_chunk, tile), tile)
+            if chunk is not None:
+                return _split_by_chunk(kv_lens, np.maximum(kv_lens - 1, 0), chunk)
         return _one_item_per_request(kv_lens, _round_up(max(longest, 1), tile))
     # ceil(kv_len / c) == (kv_len - 1) // c + 1 for kv_len >= 1; max(1, .) for an empty one.
     lens_minus_1 = np.maximum(kv_lens - 1, 0)  # int32
@@ -360,6 +367,12 @@ def partition_decode(kv_lens, num_kv_heads: int, *, num_sms: int, ctas_per_sm: i
                        _round_up(min_chunk, tile), tile)
     if chunk >= longest:
         return _one_item_per_request(kv_lens, _round_up(longest, tile))
+    return _split_by_chunk(kv_lens, lens_minus_1, chunk)
+
+
+def _split_by_chunk(kv_lens: np.ndarray, lens_minus_1: np.ndarray, chunk: int) -> DecodeWork:
+    """Request b becomes ``max(1, ceil(kv_len_b / chunk))`` items of ``chunk`` tokens."""
+    batch = kv_lens.shape[0]
     items = lens_minus_1 // chunk
     items += 1
     merge_indptr = np.zeros(batch + 1, dtype=np.int32)
@@ -373,6 +386,34 @@ def partition_decode(kv_lens, num_kv_heads: int, *, num_sms: int, ctas_per_sm: i
     kv_end = kv_start + np.int32(chunk)
     kv_end[merge_indptr[1:] - 1] = kv_lens
     return DecodeWork(request, kv_start, kv_end, merge_indptr, True, int(chunk))
+
+
+def _wave_chunk(kv_lens: np.ndarray, num_kv_heads: int, slots: int, smallest: int,
+                tile: int) -> int | None:
+    """A chunk that cuts a GPU-filling batch into items whose CTAs fill the last wave better.
+
+    With one item per request the grid has ``batch * num_kv_heads`` CTAs; when the last of its
+    waves of ``slots`` CTAs is mostly empty (64 x 8 = 512 CTAs on 396 slots: 1.3 waves), cutting
+    the longest requests in 2 to 4 chunks can fill it (1536 CTAs: 3.9 waves). Returns that chunk
+    when it raises the filled fraction of the waves by at least 0.1, else None.
+    """
+    fill = lambda ctas: ctas / (-(-ctas // slots) * slots)
+    ctas = kv_lens.shape[0] * num_kv_heads
+    if ctas >= 3 * slots:  # the last wave is a small part of the run already
+        return None
+    smallest = max(smallest, 512)  # shorter items pay their start-up and merge for too few keys
+    lens_minus_1 = np.maximum(kv_lens.astype(np.int64) - 1, 0)
+    best_fill, best_chunk = fill(ctas), None
+    start = best_fill
+    longest = int(kv_lens.max())
+    for pieces in (2, 3, 4):
+        chunk = _round_up(-(-longest // pieces), tile)
+        if chunk < smallest:
+            break
+        ctas = int((lens_minus_1 // chunk + 1).sum()) * num_kv_heads
+        if fill(ctas) > best_fill:
+            best_fill, best_chunk = fill(ctas), chunk
+    return best_chunk if best_fill >= start + 0.1 else None
 
 
 def _one_item_per_request(kv_lens: np.ndarray, chunk_size: int) -> DecodeWork:

@@ -267,3 +267,27 @@ def test_partition_decode_errors(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         planner.partition_decode(args.pop("kv_lens"), args.pop("num_kv_heads"), **args)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 20000), min_size=1, max_size=300), st.integers(1, 16),
+       st.integers(1, 8))
+def test_balanced_waves_cover_every_token_once(lens, heads, num_sms):
+    """balance_waves may cut a GPU-filling batch, but the items still tile every request."""
+    kv_lens = np.asarray(lens, np.int32)
+    work = planner.partition_decode(kv_lens, heads, num_sms=num_sms, ctas_per_sm=3, tile=64,
+                                    balance_waves=True)
+    for b, n in enumerate(lens):
+        rows = slice(work.merge_indptr[b], work.merge_indptr[b + 1])
+        starts, ends = work.kv_start[rows], work.kv_end[rows]
+        assert (work.request[rows] == b).all() and len(starts) >= 1
+        assert starts[0] == 0 and ends[-1] == n and (starts[1:] == ends[:-1]).all()
+
+
+def test_balanced_waves_cut_a_batch_of_one_and_a_third_waves():
+    work = planner.partition_decode(np.full(64, 4096, np.int32), 8, num_sms=132, ctas_per_sm=3,
+                                    tile=64, balance_waves=True)
+    assert work.split and work.num_items == 192 and work.chunk_size == 1408
+    plain = planner.partition_decode(np.full(64, 4096, np.int32), 8, num_sms=132, ctas_per_sm=3,
+                                     tile=64)
+    assert not plain.split and plain.num_items == 64
