@@ -2,9 +2,11 @@
 
     python benchmarks/run.py --config benchmarks/configs/decode.yaml [--quick] [--peers] [--out DIR]
 
-Each case is timed with CUDA events (warm-up, then ``repeat`` timed runs; median and spread).
-Figures: GB/s of K+V read for decode, TFLOP/s for prefill (causal counts half of 4*S*S*D per
-head), each as a % of the ceiling measured in the same run (a large device copy for bandwidth, a
+Each case is timed with CUDA events (warm-up, then ``repeat`` timed runs; median and spread);
+inputs are not rotated, so cases smaller than L2 (decode B1 L128) measure latency, not HBM.
+Figures: GB/s of K+V read for decode, TFLOP/s for prefill (4 * D * heads per visible
+(query, key) pair: causal counts about half of 4*S*S*D per head), each as a % of the ceiling
+measured in the same run (a large device copy for bandwidth, a
 large bf16 cuBLAS matmul for tensor-core rate), host microseconds of plan() and run(), and the
 ratio to the best peer. Results go to JSON and a Markdown table under --out.
 """

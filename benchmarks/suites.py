@@ -211,10 +211,12 @@ def ragged(case, peers, time_ms, host_us, ceil):
         case["low"], case["high"] + 1, case["batch"]).tolist()
     hq, hkv, d = case.get("qo_heads", 32), case.get("kv_heads", 8), case.get("head_dim", 128)
     causal = case.get("causal", True)
+    opts = _attention_options(case)
     name = (f"{case['batch']} x [{case['low']}, {case['high']}] {hq}/{hkv} hd{d}"
-            f"{' causal' if causal else ''}")
+            f"{' causal' if causal else ''}{_describe(opts)}")
     return _ragged_case(lens, lens, hq, hkv, d, causal, DTYPES[case.get("dtype", "float16")],
-                        _flashinfer_ragged_peers, peers, time_ms, host_us, ceil, name)
+                        _flashinfer_ragged_peers, peers, time_ms, host_us, ceil, name,
+                        opts=opts)
 
 
 def chunked(case, peers, time_ms, host_us, ceil):

@@ -13,6 +13,7 @@ BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT16 = np.dtype(np.float16)
 FLOAT32 = np.dtype(np.float32)
 INT32 = np.dtype(np.int32)
+INT32_MAX = 2 ** 31 - 1
 #: dtypes of q / k / v and of paged caches.
 ATTENTION_DTYPES = (FLOAT16, BFLOAT16)
 
@@ -67,12 +68,16 @@ def intake(x, name: str):
                     "cpattn takes CUDA or CPU tensors")
 
 
-def intake_all(arrays: dict, optional=()) -> tuple[dict, bool]:
+def intake_all(arrays: dict, optional=("out", "custom_mask")) -> tuple[dict, bool]:
     """Take in a dict ``{name: array}``; return it converted and whether it runs on the GPU.
 
-    Entries that are None are kept as None. All arrays must live on one side (and, on the GPU,
-    on one device); mixing raises ValueError rather than copying.
+    Entries named in ``optional`` may be None and stay None; any other None is a TypeError. All
+    arrays must live on one side (and, on the GPU, on one device); mixing raises ValueError
+    rather than copying.
     """
+    for k, v in arrays.items():
+        if v is None and k not in optional:
+            raise TypeError(f"{k} must be a CuPy or NumPy array or a DLPack tensor; got None")
     out = {k: (None if v is None else intake(v, k)) for k, v in arrays.items()}
     present = [(k, v) for k, v in out.items() if v is not None]
     first_name, first = present[0]
@@ -130,13 +135,6 @@ def check_index(x, name: str, length=None) -> None:
 def element_strides(x) -> tuple:
     """Strides in elements (what kernels take)."""
     return tuple(s // x.itemsize for s in x.strides)
-
-
-def empty_like_backend(x, shape, dtype):
-    """An uninitialised array on the same side (and device) as ``x``."""
-    if is_gpu(x):
-        return cupy.empty(shape, dtype=dtype)
-    return np.empty(shape, dtype=dtype)
 
 
 def check_vector_aligned(x, name: str, nbytes: int = 16) -> None:

@@ -6,6 +6,7 @@ Every attention entry point (single, ragged, paged, decode) comes down to the sa
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,18 +48,23 @@ class Options:
         if self.causal and has_mask:
             raise ValueError("custom_mask and causal=True are mutually exclusive: a custom mask "
                              "already says which keys each query sees; encode causality in it")
-        if not isinstance(self.window_left, (int, np.integer)) or self.window_left < -1:
-            raise ValueError(f"window_left must be an int >= -1 (-1: no window); got {self.window_left!r}")
-        if self.logits_soft_cap < 0:
-            raise ValueError(f"logits_soft_cap must be >= 0 (0: off); got {self.logits_soft_cap}")
-        if self.sm_scale is not None and not self.sm_scale > 0:
-            raise ValueError(f"sm_scale must be > 0; got {self.sm_scale}")
+        if not isinstance(self.window_left, (int, np.integer)) or \
+                not -1 <= self.window_left <= A.INT32_MAX:
+            raise ValueError("window_left must be an int in [-1, 2^31 - 1] (-1: no window); got "
+                             f"{self.window_left!r}")
+        if not (math.isfinite(self.logits_soft_cap) and self.logits_soft_cap >= 0):
+            raise ValueError("logits_soft_cap must be a finite number >= 0 (0: off); got "
+                             f"{self.logits_soft_cap}")
+        if self.sm_scale is not None and not (math.isfinite(self.sm_scale) and self.sm_scale > 0):
+            raise ValueError(f"sm_scale must be a finite number > 0; got {self.sm_scale}")
 
     def fill(self, params, head_dim: int) -> None:
         scale = self.sm_scale if self.sm_scale is not None else head_dim ** -0.5
         cap = float(self.logits_soft_cap)
         params["causal"] = int(self.causal)
-        params["window_left"] = self.window_left
+        # NOTE: a window wider than any request is no window; clamping keeps the kernel's
+        # `query + diag - window_left` far from int32 overflow.
+        params["window_left"] = min(self.window_left, 1 << 30)
         params["logits_scale"] = scale / cap if cap > 0 else scale * LOG2E
         params["soft_cap_log2"] = cap * LOG2E
 
@@ -112,6 +118,9 @@ def partition_prefill(qo_lens, kv_lens, queries_per_item: int, causal: bool):
     return as32(request), as32(q_start), np.zeros(len(order), np.int32), as32(kv_end)
 
 
+_RETIRED: list = []  # (copy event, pinned block) of plan buffers dropped before their copy ran
+
+
 class PlanBuffer:
     """The plan's int32 arrays in one device buffer, sent by one async copy from pinned memory.
 
@@ -124,6 +133,13 @@ class PlanBuffer:
         self._device = None
         self._host = None
         self._copied = None  # event after the last copy: the pinned buffer is free again
+        self._pinned = None  # the pinned block behind _host
+
+    def __del__(self):
+        # The pinned block must not return to CuPy's pool (and be handed to another plan) while
+        # the last copy from it may still be queued: park it until that copy has run.
+        if self._copied is not None and self._pinned is not None and _RETIRED is not None:
+            _RETIRED.append((self._copied, self._pinned))
 
     def upload(self, arrays: dict, stream=None) -> dict:
         """Copy ``arrays`` (name -> 1-D int32 NumPy) to the device; return name -> pointer."""
@@ -139,12 +155,13 @@ class PlanBuffer:
             if name in sizes:
                 offsets[name] = total
                 total += -(-max(sizes[name], 1) // 4) * 4  # 16-byte aligned sub-arrays
+        if self._copied is not None:  # the previous copy has read the pinned buffer
+            self._copied.synchronize()
+        _RETIRED[:] = [(event, block) for event, block in _RETIRED if not event.done]
         if self._device is None or self._device.size < total:
             self._device = cupy.empty(total if self.capacities else int(total * 1.5) + 64, np.int32)
-            self._host = np.frombuffer(cupy.cuda.alloc_pinned_memory(self._device.nbytes),
-                                       np.int32, self._device.size)
-        if self._copied is not None:
-            self._copied.synchronize()
+            self._pinned = cupy.cuda.alloc_pinned_memory(self._device.nbytes)
+            self._host = np.frombuffer(self._pinned, np.int32, self._device.size)
         for name, arr in arrays.items():
             self._host[offsets[name]:offsets[name] + len(arr)] = arr
         stream = stream or cupy.cuda.get_current_stream()
@@ -154,8 +171,14 @@ class PlanBuffer:
         return {name: base + 4 * off if name in arrays else 0 for name, off in offsets.items()}
 
 
-def paged_inputs(q, kv, out, wrapper: str, reference_op: str):
-    """Take in q, a pool pair (a PagedKVCache or ``(k_pages, v_pages)``) and out: all on the GPU."""
+def paged_inputs(q, kv, out, wrapper: str, reference_op: str, kv_layout: str):
+    """Take in q, a pool pair (a PagedKVCache or ``(k_pages, v_pages)``) and out: all on the GPU.
+    A PagedKVCache's own layout must be the planned one (shapes alone can agree: page_size ==
+    num_kv_heads)."""
+    layout = getattr(kv, "kv_layout", kv_layout)
+    if layout != kv_layout:
+        raise ValueError(f"the cache's kv_layout is {layout!r} but the plan was made for "
+                         f"{kv_layout!r}")
     k_pages, v_pages = (kv.k_pages, kv.v_pages) if hasattr(kv, "k_pages") else kv
     arrs, on_gpu = A.intake_all({"q": q, "k_pages": k_pages, "v_pages": v_pages, "out": out})
     if not on_gpu:
@@ -210,20 +233,24 @@ _SMEM_SET: set = set()
 
 def _attention_kernel(cfg: _tiles.TileConfig, dtype, head_dim: int):
     """The compiled kernel, its dynamic shared-memory limit raised once."""
+    import cupy
+    smem = cfg.smem_bytes(head_dim)
+    limit = cupy.cuda.Device().attributes.get("MaxSharedMemoryPerBlockOptin")
+    if limit is not None and smem > limit:
+        raise NotImplementedError(f"head_dim {head_dim} with these tiles needs {smem} bytes of "
+                                  f"shared memory per block; this GPU allows {limit}")
     kernel = _kernels.get_kernel("batch_attention",
                                  cfg.targs(_kernels.CTYPES[A.dtype_name(dtype)], head_dim))
     if id(kernel) not in _SMEM_SET:
-        kernel.max_dynamic_shared_size_bytes = cfg.smem_bytes(head_dim)
+        kernel.max_dynamic_shared_size_bytes = smem
         _SMEM_SET.add(id(kernel))
     return kernel
 
 
-def preload(cfg: _tiles.TileConfig, dtype, head_dim: int, merge: bool = False) -> None:
+def preload(cfg: _tiles.TileConfig, dtype, head_dim: int) -> None:
     """Compile and load what run() will launch, so that run() (and a graph capture of it)
     never compiles."""
     _attention_kernel(cfg, dtype, head_dim)
-    if merge:
-        _kernels.get_kernel("merge_state", ("float", _kernels.CTYPES[A.dtype_name(dtype)]))
 
 
 class DirectLaunch:

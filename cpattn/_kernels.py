@@ -27,7 +27,7 @@ VARIANTS: dict[str, list[tuple[str, ...]]] = {
     # fp32 -> fp16 / bf16 merges split-KV partials.
     "merge_state": [("half", "half"), ("__nv_bfloat16", "__nv_bfloat16"), ("float", "float"),
                     ("float", "half"), ("float", "__nv_bfloat16")],
-    # batch_attention_kernel<T, HEAD_DIM, WARPS_Q, WARPS_KV, TILE, STAGES>: see _tiles.py.
+    # batch_attention_kernel<T, HEAD_DIM, M_TILES, WARPS_Q, WARPS_KV, TILE, STAGES>: _tiles.py.
     "batch_attention": _tiles.attention_variants(),
     # append_paged_kv_kernel<T>: K/V pools in fp16 / bf16 (layout and head_dim through strides).
     "append_paged_kv": [("half",), ("__nv_bfloat16",)],

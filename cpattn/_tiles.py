@@ -1,4 +1,5 @@
-"""Tile shapes of the attention kernels: defined here once, checked by static_assert in CUDA.
+"""Tile shapes of the attention kernels: defined here once (the kernel static_asserts what it
+needs of them; shared-memory sizes are computed here and checked against the device).
 
 ``batch_attention_kernel<T, HEAD_DIM, M_TILES, WARPS_Q, WARPS_KV, TILE, STAGES>``: a CTA holds
 ``16 * M_TILES * WARPS_Q`` packed (query, head) rows (each warp ``M_TILES`` blocks of 16) and

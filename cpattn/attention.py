@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _arrays as A
-from . import _core, mask as mask_mod, reference
+from . import _core, mask as mask_mod, planner, reference
 from ._core import Options
 
 
@@ -71,6 +71,7 @@ class BatchPrefillRagged:
              logits_soft_cap=0.0, sm_scale=None, dtype="float16", stream=None):
         options = Options(causal, sm_scale, window_left, logits_soft_cap)
         mask = (custom_mask, packed_custom_mask, mask_indptr)
+        self._plan = None  # a plan that fails leaves no stale plan behind
         self._plan = plan_ragged(self._buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads,
                                  head_dim, options, mask, attention_dtype(dtype), stream=stream)
 
@@ -110,6 +111,9 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
     """
     custom_mask, packed_custom_mask, mask_indptr = mask
     options.check(custom_mask is not None or packed_custom_mask is not None)
+    for name, value in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim)):
+        planner.positive_int(value, name)
     _core.check_head_dim(head_dim)
     group = _core.check_heads(num_qo_heads, num_kv_heads)
     qo_indptr = _host_indptr(qo_indptr, "qo_indptr")
@@ -131,7 +135,8 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
     if pages is not None:
         arrays["kv_indices"] = pages[0]
     if packed is not None:
-        # Each item loads only the keys of its non-empty tiles; the costliest items go first.
+        # Each item's key range runs from its first to its last non-empty tile (empty tiles in
+        # between are still copied, but cost no math); the costliest items go first.
         classes, offsets, key_range, work = mask_mod.classify_tiles(
             masks, request, q_start, queries_per_item, cfg.tile)
         order = np.argsort(-work, kind="stable")
@@ -146,7 +151,8 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
     device_mask = None
     if packed is not None:
         import cupy
-        device_mask = packed if A.is_gpu(packed) else cupy.asarray(packed)
+        with stream or cupy.cuda.get_current_stream():  # ordered with the plan's upload
+            device_mask = cupy.ascontiguousarray(cupy.asarray(packed).reshape(-1))
         params["mask"] = device_mask.data.ptr
     params["num_qo_heads"] = num_qo_heads
     params["group_size"] = group
@@ -177,6 +183,10 @@ def single_prefill(q, k, v, *, causal=False, sm_scale=None, window_left=-1, logi
         return _host_result(o, lse, q.dtype, return_lse)
     _check_strides(q=q, k=k, v=v)
     kv_len = k.shape[0] if kv_layout == "NHD" else k.shape[1]
+    if custom_mask is not None and custom_mask.shape not in ((q.shape[0], kv_len),
+                                                            (q.shape[0] * kv_len,)):
+        raise ValueError(f"custom_mask must have shape [qo_len, kv_len] = ({q.shape[0]}, {kv_len}) "
+                         f"or its flattened form; got {tuple(custom_mask.shape)}")
     qo_indptr = np.array([0, q.shape[0]], np.int32)
     kv_indptr = np.array([0, kv_len], np.int32)
     plan = plan_ragged(_core.PlanBuffer(), qo_indptr, kv_indptr, hq, hkv, d, options,
@@ -245,6 +255,7 @@ def _outputs(q, out, return_lse):
         A.check_shape(out, "out", tuple(q.shape), "the shape of q")
         if not out.flags.c_contiguous:
             raise ValueError("out must be C-contiguous")
+        A.check_vector_aligned(out, "out", 4)
     lse = cupy.empty(q.shape[:2], np.float32) if return_lse else None
     return out, lse
 
@@ -258,7 +269,7 @@ def _host_indptr(indptr, name: str) -> np.ndarray:
     A.check_index(indptr, name)
     if len(indptr) < 1 or indptr[0] != 0:
         raise ValueError(f"{name} must start at 0; got {indptr[:1].tolist()}")
-    steps = np.diff(indptr)
+    steps = np.diff(indptr.astype(np.int64))
     if (steps < 0).any():
         i = int(np.argmax(steps < 0))
         raise ValueError(f"{name} must be non-decreasing; {name}[{i}]={indptr[i]} > "
@@ -270,9 +281,11 @@ def _packed_mask(custom_mask, packed_custom_mask, mask_indptr, qo_lens, kv_lens)
     """(packed uint8 mask, int32 mask_indptr in bytes, list of host 2-D masks), or Nones."""
     if custom_mask is not None and packed_custom_mask is not None:
         raise ValueError("give custom_mask or packed_custom_mask (with mask_indptr), not both")
+    if mask_indptr is not None and packed_custom_mask is None:
+        raise ValueError("mask_indptr goes with packed_custom_mask (a flat custom_mask needs none)")
     if custom_mask is not None:
         flat = _to_host(A.intake(custom_mask, "custom_mask")).reshape(-1)
-        expected = int((qo_lens * kv_lens).sum())
+        expected = int((qo_lens.astype(np.int64) * kv_lens.astype(np.int64)).sum())
         if flat.size != expected:
             raise ValueError(f"custom_mask must hold sum(qo_len * kv_len) = {expected} entries "
                              f"(each request's [qo_len, kv_len] block, flattened); got {flat.size}")

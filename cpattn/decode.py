@@ -18,7 +18,6 @@ from ._core import Options
 from .attention import _check_layout, attention_dtype
 from .merge import VarlenMerge
 
-_INT32_MAX = 2 ** 31 - 1
 _SMEM_PER_SM = 227 * 1024  # usable shared memory of one SM (Ampere A100 163 KB: fewer CTAs fit)
 
 
@@ -66,11 +65,13 @@ class BatchDecode:
         self._outputs = None   # graph mode: (out, lse) of max_batch_size rows
         self._scratch_lse = None  # the split path's lse when run() is not asked for one
         self._launch = self._launch_key = None
+        self._graph_key = None  # graph mode: what the first plan fixed
         self._merge_launch = self._merge_key = None
 
     def plan(self, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
              page_size, *, kv_lens=None, window_left=-1,
              logits_soft_cap=0.0, sm_scale=None, dtype="float16", kv_layout="NHD", stream=None):
+        self._plan = None  # a plan that fails leaves no stale plan behind
         _check_layout(kv_layout)
         options = Options(False, sm_scale, window_left, logits_soft_cap)
         options.check(False)
@@ -79,7 +80,7 @@ class BatchDecode:
         dtype = attention_dtype(dtype)
         kv_indptr = planner.host_index(kv_indptr, "kv_indptr")
         kv_indices = planner.host_index(kv_indices, "kv_indices")
-        kv_lens = planner.check_page_table(kv_indptr, kv_indices, _INT32_MAX, page_size,
+        kv_lens = planner.check_page_table(kv_indptr, kv_indices, A.INT32_MAX, page_size,
                                            kv_lens=kv_lens, kv_last_page_len=kv_last_page_len)
         batch = len(kv_lens)
         cfg = _core.choose_tiles(head_dim, group, 1)
@@ -100,10 +101,11 @@ class BatchDecode:
                       item_kv_end=work.kv_end, qo_indptr=np.arange(batch + 1, dtype=np.int32),
                       kv_indptr=kv_indptr, kv_indices=kv_indices, kv_lens=kv_lens,
                       merge_indptr=merge_indptr)
+        launch = self._launcher(cfg, dtype, head_dim, num_qo_heads, num_kv_heads, kv_layout,
+                                options, page_size)  # (graph mode: refuses a changed shape first)
         pointers = self._buffer.upload(arrays, stream)
         rows_per_item = cfg.rows // group
         grid = limits.max_items if limits else work.num_items
-        launch = self._launcher(cfg, dtype, head_dim, num_qo_heads, num_kv_heads, kv_layout)
         launch.set_grid(grid)
         params = launch.params
         for name, ptr in pointers.items():
@@ -140,9 +142,24 @@ class BatchDecode:
         before the first run and outside graph mode."""
         return self._outputs if self._limits is not None else None
 
-    def _launcher(self, cfg, dtype, head_dim, num_qo_heads, num_kv_heads, kv_layout):
+    def _launcher(self, cfg, dtype, head_dim, num_qo_heads, num_kv_heads, kv_layout, options,
+                  page_size):
         """The attention launch of this shape, kept across plans (plan() rewrites its fields)."""
         key = (cfg, dtype, head_dim, num_qo_heads, num_kv_heads, kv_layout)
+        if self._limits is not None:
+            # A captured graph holds the launch arguments by value: only the plan's arrays may
+            # change between its replays.
+            fixed = key + (options, page_size)
+            if self._graph_key is not None and fixed != self._graph_key:
+                raise ValueError("a CUDA-graph BatchDecode keeps the heads, head_dim, page_size, "
+                                 "dtype, layout and options (sm_scale, window_left, "
+                                 "logits_soft_cap) of its first plan; make a new BatchDecode")
+            self._graph_key = fixed
+            if self._outputs is None:  # allocated here, never inside a capture
+                import cupy
+                rows = self._limits.max_batch_size
+                self._outputs = (cupy.empty((rows, num_qo_heads, head_dim), dtype),
+                                 cupy.empty((rows, num_qo_heads), np.float32))
         if self._launch_key != key:
             self._launch = _core.Launcher(np.zeros((), _core.PARAMS_DTYPE), cfg, dtype, head_dim,
                                           0, num_kv_heads, kv_layout, paged=True)
@@ -173,7 +190,8 @@ class BatchDecode:
         plan = self._plan
         if plan is None:
             raise RuntimeError("run() before plan(): plan the batch first")
-        q, k_pages, v_pages, out = _core.paged_inputs(q, kv, out, "BatchDecode", "paged_decode")
+        q, k_pages, v_pages, out = _core.paged_inputs(q, kv, out, "BatchDecode",
+                                                      "paged_decode", plan["kv_layout"])
         _core.check_paged_run(self._plan, q, k_pages, v_pages, plan["batch"],
                               "[batch, num_qo_heads, head_dim]")
         out, lse = self._run_outputs(q, out, return_lse)
@@ -195,12 +213,7 @@ class BatchDecode:
             if out is not None:
                 raise ValueError("a CUDA-graph BatchDecode writes its own fixed output buffer; "
                                  "out= is not accepted")
-            rows = self._limits.max_batch_size
-            if self._outputs is None or self._outputs[0].shape[1:] != shape[1:] or \
-                    self._outputs[0].dtype != q.dtype:
-                self._outputs = (cupy.empty((rows,) + shape[1:], q.dtype),
-                                 cupy.empty((rows, shape[1]), np.float32))
-            return self._outputs
+            return self._outputs  # allocated by the first plan()
         if out is None:
             out = cupy.empty(shape, q.dtype)
         else:
@@ -208,6 +221,7 @@ class BatchDecode:
             A.check_shape(out, "out", shape, "[batch, num_qo_heads, head_dim]")
             if not out.flags.c_contiguous:
                 raise ValueError("out must be C-contiguous")
+            A.check_vector_aligned(out, "out", 4)
         if return_lse:
             lse = cupy.empty(shape[:2], np.float32)
         elif plan["split"]:  # the merge writes an lse even when nobody asked for it

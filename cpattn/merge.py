@@ -41,18 +41,18 @@ def merge_state(v_a, s_a, v_b, s_b, *, stream=None):
     """
     arrs, on_gpu = A.intake_all({"v_a": v_a, "s_a": s_a, "v_b": v_b, "s_b": s_b})
     v_a, s_a, v_b, s_b = arrs.values()
-    _check_v(v_a, "v_a", ndim=3)
+    _check_v(v_a, "v_a", ndim=3, on_gpu=on_gpu)
     n, heads, dim = v_a.shape
     A.check_shape(v_b, "v_b", (n, heads, dim), "[n, num_heads, head_dim]")
     A.check_same_dtype(v_b, "v_b", v_a, "v_a")
     for name, s in (("s_a", s_a), ("s_b", s_b)):
         A.check_shape(s, name, (n, heads), "[n, num_heads]")
         A.check_dtype(s, name, (A.FLOAT32,))
-    A.check_last_dim_contiguous(v_b, "v_b")
-    A.check_vector_aligned(v_b, "v_b")
     if not on_gpu:
         v, s = reference.merge_state(v_a, s_a, v_b, s_b)
         return v.astype(v_a.dtype), s.astype(np.float32)
+    A.check_last_dim_contiguous(v_b, "v_b")
+    A.check_vector_aligned(v_b, "v_b")
     view_a = _view(v_a[:, None], s_a[:, None])
     view_b = _view(v_b[:, None], s_b[:, None])
     return _launch(v_a, s_a, view_a, 1, v_b, s_b, view_b, 1, (n, heads, dim), stream)
@@ -74,7 +74,7 @@ def merge_states(v, s, *, stream=None):
     """
     arrs, on_gpu = A.intake_all({"v": v, "s": s})
     v, s = arrs["v"], arrs["s"]
-    _check_v(v, "v", ndim=4)
+    _check_v(v, "v", ndim=4, on_gpu=on_gpu)
     n, num_states, heads, dim = v.shape
     A.check_shape(s, "s", (n, num_states, heads), "[n, num_states, num_heads]")
     A.check_dtype(s, "s", (A.FLOAT32,))
@@ -84,14 +84,17 @@ def merge_states(v, s, *, stream=None):
     return _launch(v, s, _view(v, s), num_states, v, s, _view(v, s), 0, (n, heads, dim), stream)
 
 
-def _check_v(v, name: str, ndim: int) -> None:
+def _check_v(v, name: str, ndim: int, on_gpu: bool) -> None:
+    """dtype and rank always; what the kernel's 16-byte vectors need only on the GPU."""
     A.check_dtype(v, name, MERGE_DTYPES)
     if v.ndim != ndim:
         dims = "[n, num_heads, head_dim]" if ndim == 3 else "[n, num_states, num_heads, head_dim]"
         raise ValueError(f"{name} must have shape {dims}; got {tuple(v.shape)}")
+    if not on_gpu:
+        return
     vec = 16 // v.itemsize
-    if v.shape[-1] % vec or v.shape[-1] // vec > _ROW_THREADS * 8:
-        raise NotImplementedError(f"{name}: head_dim must be a multiple of {vec} and at most "
+    if v.shape[-1] < vec or v.shape[-1] % vec or v.shape[-1] // vec > _ROW_THREADS * 8:
+        raise NotImplementedError(f"{name}: head_dim must be a multiple of {vec} from {vec} to "
                                   f"{_ROW_THREADS * 8 * vec} for {A.dtype_name(v.dtype)}; "
                                   f"got {v.shape[-1]}")
     A.check_last_dim_contiguous(v, name)
@@ -109,8 +112,8 @@ class VarlenMerge:
 
     Row n's states are ``indptr[n]:indptr[n + 1]`` (a device int32 array at ``indptr_ptr``) of
     ``v [*, H, D]`` fp32 / ``s [*, H]`` viewed with ``state_stride`` rows between states: split-KV
-    partials, where each request was cut into its own number of chunks. Built once per plan; a
-    call only passes the output arrays.
+    partials, where each request was cut into its own number of chunks. Built for a shape and
+    kept across plans (``set_indptr`` follows the plan buffer); a call only passes the outputs.
     """
 
     def __init__(self, v, s, state_stride: int, indptr_ptr: int, rows: int, out_dtype):

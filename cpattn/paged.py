@@ -5,7 +5,8 @@ A pool holds ``num_pages`` pages of ``page_size`` token slots:
 ``[num_pages, page_size, num_kv_heads, head_dim]`` ("NHD") or
 ``[num_pages, num_kv_heads, page_size, head_dim]`` ("HND"). Token t of a sequence lives in slot
 ``t % page_size`` of its page ``t // page_size``; ``page_table()`` gives the ``kv_indptr``,
-``kv_indices``, ``kv_last_page_len`` and ``kv_lens`` arrays that BatchDecode / BatchPrefill take.
+``kv_indices``, ``kv_last_page_len`` and ``kv_lens`` arrays that BatchDecode and BatchPrefillPaged
+take.
 
 Two levels:
 
@@ -31,7 +32,6 @@ __all__ = ["KV_LAYOUTS", "OutOfPagesError", "PagedKVCache", "append_paged_kv", "
 
 KV_LAYOUTS = ("NHD", "HND")
 _THREADS = 128  # threads per block of the append kernel
-_INT32_MAX = np.iinfo(np.int32).max
 
 #: ``PageStrides`` of kernels_cu/common/paged.cuh: element strides of a pool.
 PAGE_STRIDES = np.dtype([("page", np.int64), ("slot", np.int64), ("head", np.int64)])
@@ -95,7 +95,7 @@ def check_pools(k_pages, v_pages, kv_layout: str) -> tuple[int, int, int]:
                          f"head_dim; got {tuple(v_pages.shape)}")
     num_pages, a, b = k_pages.shape[:3]
     page_size, heads = (a, b) if kv_layout == "NHD" else (b, a)
-    if num_pages > _INT32_MAX:
+    if num_pages > A.INT32_MAX:
         raise ValueError(f"k_pages holds {num_pages} pages; page ids are int32 (< 2^31)")
     return num_pages, page_size, heads
 
@@ -336,7 +336,7 @@ class _PageTables:
     def grow(self, rows: np.ndarray, new_lens: np.ndarray, seq_ids) -> None:
         """Grow the sequences of ``rows`` (distinct) to ``new_lens`` tokens: all or nothing."""
         old_lens = self.lengths[rows]
-        bad = np.flatnonzero((new_lens < old_lens) | (new_lens > _INT32_MAX))
+        bad = np.flatnonzero((new_lens < old_lens) | (new_lens > A.INT32_MAX))
         if bad.size:
             i = int(bad[0])
             why = "cannot shrink" if new_lens[i] < old_lens[i] else "kv_lens are int32"
@@ -434,7 +434,7 @@ class PagedKVCache:
         self.head_dim = positive_int(head_dim, "head_dim")
         self.dtype = _cache_dtype(dtype)
         self.kv_layout = kv_layout
-        if self.num_pages > _INT32_MAX:
+        if self.num_pages > A.INT32_MAX:
             raise ValueError(f"num_pages must be < 2^31 (int32 page ids); got {num_pages}")
         _check_head_dim(self.head_dim, self.dtype, "head_dim")
         if device not in (None, "gpu", "cpu"):

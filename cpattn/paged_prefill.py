@@ -13,8 +13,6 @@ from . import _core, planner
 from ._core import Options
 from .attention import _check_layout, _outputs, attention_dtype, plan_ragged
 
-_INT32_MAX = 2 ** 31 - 1
-
 
 class BatchPrefillPaged:
     """Prefill (and chunked prefill) over a paged KV cache.
@@ -39,10 +37,11 @@ class BatchPrefillPaged:
              head_dim, page_size, *, kv_lens=None, causal=False,
              custom_mask=None, packed_custom_mask=None, mask_indptr=None, window_left=-1,
              logits_soft_cap=0.0, sm_scale=None, dtype="float16", kv_layout="NHD", stream=None):
+        self._plan = None  # a plan that fails leaves no stale plan behind
         _check_layout(kv_layout)
         kv_indptr = planner.host_index(kv_indptr, "kv_indptr")
         kv_indices = planner.host_index(kv_indices, "kv_indices")
-        kv_lens = planner.check_page_table(kv_indptr, kv_indices, _INT32_MAX, page_size,
+        kv_lens = planner.check_page_table(kv_indptr, kv_indices, A.INT32_MAX, page_size,
                                            kv_lens=kv_lens, kv_last_page_len=kv_last_page_len)
         options = Options(causal, sm_scale, window_left, logits_soft_cap)
         plan = plan_ragged(self._buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads,
@@ -57,7 +56,8 @@ class BatchPrefillPaged:
         plan = self._plan
         if plan is None:
             raise RuntimeError("run() before plan(): plan the batch first")
-        q, k_pages, v_pages, out = _core.paged_inputs(q, kv, out, "BatchPrefillPaged", "paged_prefill")
+        q, k_pages, v_pages, out = _core.paged_inputs(q, kv, out, "BatchPrefillPaged",
+                                                      "paged_prefill", plan["kv_layout"])
         _core.check_paged_run(plan, q, k_pages, v_pages, plan["total_q"],
                               "[qo_indptr[-1], num_qo_heads, head_dim]")
         out, lse = _outputs(q, out, return_lse)

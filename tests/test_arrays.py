@@ -46,8 +46,13 @@ def test_intake_rejects_other_dlpack_devices():
 
 
 def test_intake_all_keeps_none_and_reports_side():
-    arrs, on_gpu = A.intake_all({"q": np.ones(2), "mask": None})
-    assert arrs["mask"] is None and on_gpu is False
+    arrs, on_gpu = A.intake_all({"q": np.ones(2), "custom_mask": None})
+    assert arrs["custom_mask"] is None and on_gpu is False
+
+
+def test_intake_all_refuses_a_missing_required_array():
+    with pytest.raises(TypeError, match="k must be a CuPy or NumPy array or a DLPack tensor; got None"):
+        A.intake_all({"q": np.ones(2), "k": None})
 
 
 def test_bfloat16_is_an_attention_dtype():
