@@ -229,13 +229,22 @@ def kv_strides(pool, kv_layout: str, paged: bool) -> tuple[int, int, int]:
 
 
 _SMEM_SET: set = set()
+_SMEM_LIMITS: dict = {}
+
+
+def _smem_limit():
+    """Opt-in shared memory per block of the current device (read once per device)."""
+    import cupy
+    device = cupy.cuda.Device()
+    if device.id not in _SMEM_LIMITS:
+        _SMEM_LIMITS[device.id] = device.attributes.get("MaxSharedMemoryPerBlockOptin")
+    return _SMEM_LIMITS[device.id]
 
 
 def _attention_kernel(cfg: _tiles.TileConfig, dtype, head_dim: int):
     """The compiled kernel, its dynamic shared-memory limit raised once."""
-    import cupy
     smem = cfg.smem_bytes(head_dim)
-    limit = cupy.cuda.Device().attributes.get("MaxSharedMemoryPerBlockOptin")
+    limit = _smem_limit()
     if limit is not None and smem > limit:
         raise NotImplementedError(f"head_dim {head_dim} with these tiles needs {smem} bytes of "
                                   f"shared memory per block; this GPU allows {limit}")
