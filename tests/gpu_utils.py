@@ -1,4 +1,5 @@
-"""Helpers of the GPU tests: tolerances, poisoning, comparison with the float64 reference."""
+"""Helpers shared by the tests: tolerances, poisoning, comparison with the float64 reference,
+a CPU DLPack producer."""
 import numpy as np
 
 import cpattn._arrays as A
@@ -45,3 +46,16 @@ def random_qkv(rng, total_q, total_kv, hq, hkv, head_dim, dtype):
     k = rng.standard_normal((total_kv, hkv, head_dim)).astype(dtype)
     v = rng.standard_normal((total_kv, hkv, head_dim)).astype(dtype)
     return q, k, v
+
+
+class CpuDLPack:
+    """A minimal CPU DLPack producer (stands for a torch / JAX CPU tensor)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __dlpack__(self, **kwargs):
+        return self.array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()

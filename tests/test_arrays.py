@@ -5,18 +5,7 @@ import pytest
 
 import cpattn._arrays as A
 
-
-class CpuDLPack:
-    """A minimal DLPack producer on the CPU (stands for a torch / JAX CPU tensor)."""
-
-    def __init__(self, array):
-        self.array = array
-
-    def __dlpack__(self, **kwargs):
-        return self.array.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self.array.__dlpack_device__()
+from gpu_utils import CpuDLPack
 
 
 class OddDevice(CpuDLPack):

@@ -11,6 +11,8 @@ import cpattn._arrays as A
 from cpattn import _kernels, paged, planner
 from cpattn.paged import OutOfPagesError, PagedKVCache, append_paged_kv
 
+from gpu_utils import CpuDLPack
+
 I32 = np.int32
 DTYPES = (A.FLOAT16, A.BFLOAT16)
 LAYOUTS = ("NHD", "HND")
@@ -19,19 +21,6 @@ HEADS, DIM = 3, 64
 NUM_PAGES = 128  # enough for every step of STEPS at page_size 1 (94 tokens)
 #: New tokens per sequence at each step of a test scenario (4 sequences); None: a decode step.
 STEPS = ([5, 0, 17, 1], [1, 3, 0, 40], None, [0, 0, 0, 0], [16, 1, 2, 0], None)
-
-
-class CpuDLPack:
-    """A minimal CPU DLPack producer (stands for a torch / JAX CPU tensor)."""
-
-    def __init__(self, array):
-        self.array = array
-
-    def __dlpack__(self, **kwargs):
-        return self.array.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self.array.__dlpack_device__()
 
 
 def nan_pools(num_pages, page_size, layout, dtype, heads=HEADS, dim=DIM, dim_v=None):
