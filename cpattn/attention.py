@@ -97,13 +97,13 @@ class BatchPrefillRagged:
         if q.dtype != plan["dtype"]:
             raise ValueError(f"q must have the planned dtype {A.dtype_name(plan['dtype'])}; "
                              f"got {A.dtype_name(q.dtype)}")
-        run_plan(plan, q, k, v, out, lse, stream)
+        plan["launch"](q, k, v, out, lse, stream)
         return (out, lse) if return_lse else out
 
 
 def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim,
                 options: Options, mask, q_dtype, kv_layout="NHD", pages=None, stream=None) -> dict:
-    """Validate, build the work list and upload it; the plan dict run_plan() launches.
+    """Validate, build the work list and upload it; ``plan["launch"]`` runs it.
 
     ``pages`` is None for ragged keys (request b's keys are rows ``kv_indptr[b]:kv_indptr[b+1]``)
     or ``(kv_indices, kv_lens, page_size)`` for a paged pool (``kv_indptr`` then counts pages;
@@ -192,7 +192,7 @@ def single_prefill(q, k, v, *, causal=False, sm_scale=None, window_left=-1, logi
     plan = plan_ragged(_core.PlanBuffer(), qo_indptr, kv_indptr, hq, hkv, d, options,
                        (custom_mask, None, None), q.dtype, kv_layout, stream)
     out, lse = _outputs(q, None, return_lse)
-    run_plan(plan, q, k, v, out, lse, stream)
+    plan["launch"](q, k, v, out, lse, stream)
     return (out, lse) if return_lse else out
 
 
@@ -239,11 +239,6 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, sm_sc
 def _host_result(o, lse, dtype, return_lse):
     o = o.astype(dtype)
     return (o, lse.astype(np.float32)) if return_lse else o
-
-
-def run_plan(plan, q, k, v, out, lse, stream=None) -> None:
-    """Launch a planned attention on this call's arrays."""
-    plan["launch"](q, k, v, out, lse, stream)
 
 
 def _outputs(q, out, return_lse):
