@@ -6,7 +6,6 @@ own K/V are the last ``qo_len`` entries of the cache, appended before the call).
 """
 from __future__ import annotations
 
-
 from . import _arrays as A
 from . import _core, planner
 from ._core import Options
