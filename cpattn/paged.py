@@ -376,6 +376,101 @@ class _PageTables:
         return kv_indptr, kv_indices, lens
 
 
+class SequencePages:
+    """Per-sequence page tables over a pool of ``num_pages`` pages (the allocator side of a
+    paged cache). The cache class sets ``page_size``, ``num_pages`` and ``_tables``
+    (a ``_PageTables``) and implements the writing of tokens."""
+
+    page_size: int
+    _tables: _PageTables
+
+    @property
+    def num_free_pages(self) -> int:
+        return self._tables.num_free
+
+    def __len__(self) -> int:
+        return len(self._tables.row_of)
+
+    def __contains__(self, seq_id) -> bool:
+        return seq_id in self._tables.row_of
+
+    def add_sequence(self, seq_id) -> None:
+        """Start an empty sequence (no pages) named by the hashable ``seq_id``."""
+        self._tables.add(seq_id)
+
+    def seq_len(self, seq_id) -> int:
+        """Tokens the sequence holds."""
+        return int(self._tables.lengths[self._tables.row(seq_id)])
+
+    def seq_pages(self, seq_id) -> np.ndarray:
+        """The sequence's page ids, int32 [ceil(seq_len / page_size)] (a copy)."""
+        return self._tables.page_ids(self._tables.row(seq_id))
+
+    def grow(self, seq_id, new_len: int) -> None:
+        """Make the sequence hold ``new_len`` tokens, allocating the pages it needs.
+
+        Token contents are not written (see ``append``). Raises OutOfPagesError, with
+        nothing allocated, when too few pages are free; ValueError when new_len < seq_len.
+        """
+        new_len = positive_int(new_len, "new_len", minimum=0)
+        rows = np.array([self._tables.row(seq_id)], dtype=np.int64)
+        self._tables.grow(rows, np.array([new_len], dtype=np.int64), [seq_id])
+
+    def free(self, seq_id) -> None:
+        """Forget the sequence and return its pages to the free list."""
+        self._tables.free(seq_id)
+
+    def page_table(self, seq_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The page table of the given sequences, in that order (ids may repeat).
+
+        Returns
+        -------
+        kv_indptr : int32 [batch + 1];  kv_indices : int32 [kv_indptr[-1]];
+        kv_last_page_len : int32 [batch] (0 for an empty sequence);  kv_lens : int32 [batch]
+        """
+        kv_indptr, kv_indices, lens = self._tables.table(self._tables.rows(seq_ids))
+        # last = len - (pages - 1) * page_size = (len - 1) % page_size + 1; 0 for len 0
+        last = lens - 1
+        last %= self.page_size
+        last += 1
+        last *= lens > 0
+        return kv_indptr, kv_indices, last.astype(np.int32), lens.astype(np.int32)
+
+    def _grow_and_write(self, seq_ids, new_name: str, total_new: int, append_indptr,
+                        write) -> None:
+        """Grow sequences ``seq_ids`` (distinct) by their new tokens (``total_new`` rows of the
+        argument ``new_name``), all or nothing, then call ``write(page, slot)`` with the page id
+        and slot of every new token (int arrays [total_new]); a failed write leaves the tables
+        as they were."""
+        seq_ids = list(seq_ids)
+        rows = self._tables.rows(seq_ids)
+        batch = rows.shape[0]
+        if len(set(rows.tolist())) != batch:
+            seen: set = set()
+            twice = next(s for s in seq_ids if s in seen or seen.add(s))
+            raise ValueError(f"seq_ids must be distinct; {twice!r} appears more than once")
+        if append_indptr is None:
+            if total_new != batch:
+                raise ValueError(f"without append_indptr, {new_name} must hold one token per "
+                                 f"sequence: shape[0] = {batch}; got {total_new}")
+            append_indptr = np.arange(batch + 1, dtype=np.int32)
+        append_indptr = host_index(append_indptr, "append_indptr", batch + 1)
+        new_counts = pages_per_request(append_indptr, "append_indptr")
+        if append_indptr[-1] != total_new:
+            raise ValueError(f"append_indptr must end at {new_name}.shape[0]={total_new}; "
+                             f"got append_indptr[-1]={append_indptr[-1]}")
+        before = self._tables.lengths[rows]
+        self._tables.grow(rows, before + new_counts, seq_ids)
+        try:
+            kv_indptr, kv_indices, _ = self._tables.table(rows)
+            entry, slot = _token_slots(append_indptr, new_counts, kv_indptr, before,
+                                       self.page_size)
+            write(kv_indices[entry], slot)
+        except BaseException:
+            self._tables.shrink(rows, before)  # leave the cache as it was
+            raise
+
+
 def _default_device() -> str:
     if A.cupy is None:
         return "cpu"
@@ -395,7 +490,7 @@ def _cache_dtype(dtype) -> np.dtype:
     return dt
 
 
-class PagedKVCache:
+class PagedKVCache(SequencePages):
     """K and V page pools with a page allocator and per-sequence page tables.
 
     Parameters
@@ -468,60 +563,6 @@ class PagedKVCache:
         check_pools(arrs["k_pages"], arrs["v_pages"], self.kv_layout)
         return (arrs["k_pages"], arrs["v_pages"]), on_gpu
 
-    # ---- allocator ---------------------------------------------------------------------------
-
-    @property
-    def num_free_pages(self) -> int:
-        return self._tables.num_free
-
-    def __len__(self) -> int:
-        return len(self._tables.row_of)
-
-    def __contains__(self, seq_id) -> bool:
-        return seq_id in self._tables.row_of
-
-    def add_sequence(self, seq_id) -> None:
-        """Start an empty sequence (no pages) named by the hashable ``seq_id``."""
-        self._tables.add(seq_id)
-
-    def seq_len(self, seq_id) -> int:
-        """Tokens the sequence holds."""
-        return int(self._tables.lengths[self._tables.row(seq_id)])
-
-    def seq_pages(self, seq_id) -> np.ndarray:
-        """The sequence's page ids, int32 [ceil(seq_len / page_size)] (a copy)."""
-        return self._tables.page_ids(self._tables.row(seq_id))
-
-    def grow(self, seq_id, new_len: int) -> None:
-        """Make the sequence hold ``new_len`` tokens, allocating the pages it needs.
-
-        Token contents are not written (see :meth:`append`). Raises OutOfPagesError, with
-        nothing allocated, when too few pages are free; ValueError when new_len < seq_len.
-        """
-        new_len = positive_int(new_len, "new_len", minimum=0)
-        rows = np.array([self._tables.row(seq_id)], dtype=np.int64)
-        self._tables.grow(rows, np.array([new_len], dtype=np.int64), [seq_id])
-
-    def free(self, seq_id) -> None:
-        """Forget the sequence and return its pages to the free list."""
-        self._tables.free(seq_id)
-
-    def page_table(self, seq_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The page table of the given sequences, in that order (ids may repeat).
-
-        Returns
-        -------
-        kv_indptr : int32 [batch + 1];  kv_indices : int32 [kv_indptr[-1]];
-        kv_last_page_len : int32 [batch] (0 for an empty sequence);  kv_lens : int32 [batch]
-        """
-        kv_indptr, kv_indices, lens = self._tables.table(self._tables.rows(seq_ids))
-        # last = len - (pages - 1) * page_size = (len - 1) % page_size + 1; 0 for len 0
-        last = lens - 1
-        last %= self.page_size
-        last += 1
-        last *= lens > 0
-        return kv_indptr, kv_indices, last.astype(np.int32), lens.astype(np.int32)
-
     # ---- writing -----------------------------------------------------------------------------
 
     def append(self, seq_ids, k_new, v_new, append_indptr=None, *, stream=None) -> None:
@@ -539,38 +580,11 @@ class PagedKVCache:
         Sequence b's new tokens, rows ``append_indptr[b]:append_indptr[b + 1]``, become its
         tokens ``seq_len(b) ...``. Every argument is checked before any page is allocated.
         """
-        seq_ids = list(seq_ids)
-        rows = self._tables.rows(seq_ids)
-        batch = rows.shape[0]
-        if len(set(rows.tolist())) != batch:
-            seen: set = set()
-            twice = next(s for s in seq_ids if s in seen or seen.add(s))
-            raise ValueError(f"seq_ids must be distinct; {twice!r} appears more than once")
         arrs, _ = A.intake_all({"k_pages": self.k_pages, "k_new": k_new, "v_new": v_new})
         k_new, v_new = arrs["k_new"], arrs["v_new"]
         _check_new(k_new, v_new, self.k_pages, self.v_pages, self.num_kv_heads)
-        total_new = k_new.shape[0]
-        if append_indptr is None:
-            if total_new != batch:
-                raise ValueError(f"without append_indptr, k_new must hold one token per "
-                                 f"sequence: shape[0] = {batch}; got {total_new}")
-            append_indptr = np.arange(batch + 1, dtype=np.int32)
-        append_indptr = host_index(append_indptr, "append_indptr", batch + 1)
-        new_counts = pages_per_request(append_indptr, "append_indptr")
-        if append_indptr[-1] != total_new:
-            raise ValueError(f"append_indptr must end at k_new.shape[0]={total_new}; "
-                             f"got append_indptr[-1]={append_indptr[-1]}")
-        before = self._tables.lengths[rows]
-        self._tables.grow(rows, before + new_counts, seq_ids)
-        try:
-            kv_indptr, kv_indices, _ = self._tables.table(rows)
-            entry, slot = _token_slots(append_indptr, new_counts, kv_indptr, before,
-                                       self.page_size)
-            _write(self.k_pages, self.v_pages, k_new, v_new, kv_indices[entry], slot,
-                   self.kv_layout, stream)
-        except BaseException:
-            self._tables.shrink(rows, before)  # leave the cache as it was
-            raise
+        self._grow_and_write(seq_ids, "k_new", k_new.shape[0], append_indptr, lambda page, slot: _write(
+            self.k_pages, self.v_pages, k_new, v_new, page, slot, self.kv_layout, stream))
 
     def __repr__(self) -> str:
         side = "gpu" if self.on_gpu else "cpu"
