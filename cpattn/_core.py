@@ -33,7 +33,7 @@ PARAMS_DTYPE = np.dtype([(f, np.uint64) for f in _PTR_FIELDS] +
 #: The arrays of a plan, in the order they are packed into the device buffer.
 PLAN_ARRAYS = ("num_items", "item_request", "item_q_start", "item_kv_start", "item_kv_end",
                "qo_indptr", "kv_indptr", "kv_indices", "kv_lens", "mask_indptr", "merge_indptr",
-               "tile_class", "item_class_offset")
+               "tile_class", "item_class_offset", "item_state", "item_state_stride")
 
 
 @dataclass(frozen=True)
@@ -241,19 +241,23 @@ def _smem_limit():
     return _SMEM_LIMITS[device.id]
 
 
-def _attention_kernel(cfg: _tiles.TileConfig, dtype, head_dim: int):
-    """The compiled kernel, its dynamic shared-memory limit raised once."""
-    smem = cfg.smem_bytes(head_dim)
+def load_kernel(op: str, targs: tuple, smem: int, what: str):
+    """The compiled kernel, its dynamic shared-memory limit raised once; ``what`` names the
+    configuration in the error raised when this GPU has too little shared memory for it."""
     limit = _smem_limit()
     if limit is not None and smem > limit:
-        raise NotImplementedError(f"head_dim {head_dim} with these tiles needs {smem} bytes of "
-                                  f"shared memory per block; this GPU allows {limit}")
-    kernel = _kernels.get_kernel("batch_attention",
-                                 cfg.targs(_kernels.CTYPES[A.dtype_name(dtype)], head_dim))
+        raise NotImplementedError(f"{what} needs {smem} bytes of shared memory per block; this "
+                                  f"GPU allows {limit}")
+    kernel = _kernels.get_kernel(op, targs)
     if id(kernel) not in _SMEM_SET:
         kernel.max_dynamic_shared_size_bytes = smem
         _SMEM_SET.add(id(kernel))
     return kernel
+
+
+def _attention_kernel(cfg: _tiles.TileConfig, dtype, head_dim: int):
+    return load_kernel("batch_attention", cfg.targs(_kernels.CTYPES[A.dtype_name(dtype)], head_dim),
+                       cfg.smem_bytes(head_dim), f"head_dim {head_dim} with these tiles")
 
 
 def preload(cfg: _tiles.TileConfig, dtype, head_dim: int) -> None:
