@@ -9,11 +9,12 @@ from ._kernels import KernelError
 from .attention import BatchPrefillRagged, single_decode, single_prefill, varlen_attention
 from .decode import BatchDecode
 from .merge import merge_state, merge_states
+from .mla import BatchMLA, MLAPagedCache
 from .paged import OutOfPagesError, PagedKVCache, append_paged_kv
 from .paged_prefill import BatchPrefillPaged
 
 __version__ = "0.1.0"
-__all__ = ["BatchDecode", "BatchPrefillPaged", "BatchPrefillRagged", "KernelError",
-           "OutOfPagesError", "PagedKVCache", "append_paged_kv", "gpu_available", "mask",
+__all__ = ["BatchDecode", "BatchMLA", "BatchPrefillPaged", "BatchPrefillRagged", "KernelError",
+           "MLAPagedCache", "OutOfPagesError", "PagedKVCache", "append_paged_kv", "gpu_available", "mask",
            "merge_state", "merge_states", "planner", "reference", "single_decode",
            "single_prefill", "varlen_attention"]

@@ -29,6 +29,8 @@ VARIANTS: dict[str, list[tuple[str, ...]]] = {
                     ("float", "half"), ("float", "__nv_bfloat16")],
     # batch_attention_kernel<T, HEAD_DIM, M_TILES, WARPS_Q, WARPS_KV, TILE, STAGES>: _tiles.py.
     "batch_attention": _tiles.attention_variants(),
+    # mla_attention_kernel<T, M_TILES, WARPS, TILE, STAGES>: _tiles.py.
+    "mla_attention": _tiles.mla_variants(),
     # append_paged_kv_kernel<T>: K/V pools in fp16 / bf16 (layout and head_dim through strides).
     "append_paged_kv": [("half",), ("__nv_bfloat16",)],
 }

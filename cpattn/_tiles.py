@@ -55,3 +55,44 @@ DECODE = {64: TileConfig(1, 1, 4, 64, 2), 128: TileConfig(1, 1, 4, 64, 2),
 def attention_variants() -> list[tuple[str, ...]]:
     return [cfg[d].targs(t, d) for t in ATTENTION_CTYPES for d in HEAD_DIMS
             for cfg in (PREFILL, DECODE)]
+
+
+# ---- MLA -------------------------------------------------------------------------------------
+
+MLA_CKV_DIM, MLA_KPE_DIM = 512, 64
+
+
+@dataclass(frozen=True)
+class MLATileConfig:
+    """``mla_attention_kernel<T, M_TILES, WARPS, TILE, STAGES>``: a CTA holds ``16 * M_TILES``
+    packed (query, head) rows, all shared by its ``WARPS`` warps; keys stream ``TILE`` at a time
+    through ``STAGES`` buffers of [ckv | kpe] rows."""
+    m_tiles: int
+    warps: int
+    tile: int
+    stages: int
+
+    @property
+    def rows(self) -> int:
+        return 16 * self.m_tiles
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    def smem_bytes(self) -> int:
+        """Q rows + K/V stages (576 dims each), P (rows padded by 8), the warps' row maxima."""
+        row = (MLA_CKV_DIM + MLA_KPE_DIM) * 2
+        return (self.rows * row + self.stages * self.tile * row + self.rows * (self.tile + 8) * 2
+                + self.warps * self.rows * 4)
+
+    def targs(self, ctype: str) -> tuple[str, ...]:
+        return (ctype, str(self.m_tiles), str(self.warps), str(self.tile), str(self.stages))
+
+
+#: 16 rows (decode with up to 16 heads) and 32 rows (more heads, or several queries).
+MLA_TILES = (MLATileConfig(1, 4, 64, 2), MLATileConfig(2, 4, 64, 2))
+
+
+def mla_variants() -> list[tuple[str, ...]]:
+    return [cfg.targs(t) for t in ATTENTION_CTYPES for cfg in MLA_TILES]

@@ -24,7 +24,7 @@ import numpy as np
 from . import _arrays as A
 
 __all__ = ["DecodeWork", "check_page_table", "cu_seqlens", "last_page_len_from_lens",
-           "lens_from_last_page_len", "partition_decode"]
+           "lens_from_last_page_len", "partition_decode", "partition_tiles", "TiledWork"]
 
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -452,3 +452,88 @@ def _fit_chunk(lens_minus_1: np.ndarray, total_tokens: int, budget: int, smalles
     quotients.partition(pick)
     exact = int(quotients[pick]) + 1  # ceil(kv_len / k) = floor((kv_len - 1) / k) + 1
     return _round_up(exact, tile)
+
+
+# ---- query tiles cut into key chunks (MLA) ---------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class TiledWork:
+    """Work list of a batch whose requests are cut into query tiles, each tile into key chunks.
+
+    Attributes
+    ----------
+    request, q_start, kv_start, kv_end : int32 [num_items]; item i computes queries
+        ``[q_start, q_start + queries_per_item)`` of its request over keys ``[kv_start, kv_end)``
+    state, state_stride : int32 [num_items]; split-KV bookkeeping: query j of item i writes its
+        partial state to row ``state[i] + j * state_stride[i]``, so the states of one token are
+        consecutive rows
+    merge_indptr : int32 [total_q + 1]; token t's states are rows
+        ``merge_indptr[t]:merge_indptr[t + 1]`` (at least one each)
+    num_states : int, rows of partial states
+    split : bool, True when some query tile is cut into more than one item
+    """
+
+    request: np.ndarray
+    q_start: np.ndarray
+    kv_start: np.ndarray
+    kv_end: np.ndarray
+    state: np.ndarray
+    state_stride: np.ndarray
+    merge_indptr: np.ndarray
+    num_states: int
+    split: bool
+
+    @property
+    def num_items(self) -> int:
+        return self.request.shape[0]
+
+
+def partition_tiles(qo_lens, kv_lens, queries_per_item: int, causal: bool, ctas_per_item: int, *,
+                    num_sms: int, ctas_per_sm: int = 1, tile: int = 64,
+                    max_items: int | None = None) -> TiledWork:
+    """Cut each request into query tiles of ``queries_per_item``, then each tile's keys into
+    chunks with :func:`partition_decode` (a tile plays the part of a decode request; with
+    ``causal`` its keys are those its last query sees).
+
+    Requests with no query get no item; each CTA runs ``ctas_per_item`` CTAs (head blocks).
+
+    Example: one request of 3 queries over 1000 keys, 2 queries per item, on a GPU of 4 slots:
+    two tiles, each cut in two chunks.
+
+    >>> w = partition_tiles(np.array([3]), np.array([1000]), 2, False, 1, num_sms=4, tile=16)
+    >>> w.q_start.tolist(), w.kv_start.tolist(), w.kv_end.tolist()
+    ([0, 0, 2, 2], [0, 512, 0, 512], [512, 1000, 512, 1000])
+    >>> w.state.tolist(), w.state_stride.tolist(), w.merge_indptr.tolist()
+    ([0, 1, 4, 5], [2, 2, 2, 2], [0, 2, 4, 6])
+    """
+    qo_lens = np.asarray(qo_lens, dtype=np.int64)
+    kv_lens = np.asarray(kv_lens, dtype=np.int64)
+    qpi = positive_int(queries_per_item, "queries_per_item")
+    tiles = -(-qo_lens // qpi)
+    unit_request = np.repeat(np.arange(len(qo_lens)), tiles)
+    first_tile = np.repeat(np.cumsum(tiles) - tiles, tiles)
+    unit_q0 = (np.arange(len(unit_request)) - first_tile) * qpi
+    unit_queries = np.minimum(qpi, qo_lens[unit_request] - unit_q0)
+    unit_kv = kv_lens[unit_request]
+    if causal:  # keys seen by the tile's last query
+        seen = unit_q0 + unit_queries + unit_kv - qo_lens[unit_request]
+        unit_kv = np.clip(seen, 0, unit_kv)
+    work = partition_decode(unit_kv.astype(np.int32), ctas_per_item, num_sms=num_sms,
+                            ctas_per_sm=ctas_per_sm, tile=tile, max_items=max_items,
+                            balance_waves=max_items is None)
+    chunks = np.diff(work.merge_indptr).astype(np.int64)  # items of each unit
+    unit_states = unit_queries * chunks
+    unit_state0 = np.cumsum(unit_states) - unit_states
+    unit = work.request
+    chunk_index = np.arange(work.num_items) - work.merge_indptr[unit]
+    # Token j of unit u: states unit_state0[u] + j * chunks[u] ... + chunks[u].
+    total_q = int(unit_queries.sum())
+    token_unit = np.repeat(np.arange(len(unit_queries)), unit_queries)
+    j = np.arange(total_q) - np.repeat(np.cumsum(unit_queries) - unit_queries, unit_queries)
+    merge_indptr = np.empty(total_q + 1, np.int32)
+    merge_indptr[:-1] = unit_state0[token_unit] + j * chunks[token_unit]
+    merge_indptr[-1] = int(unit_states.sum())
+    as32 = lambda x: np.ascontiguousarray(x, dtype=np.int32)
+    return TiledWork(as32(unit_request[unit]), as32(unit_q0[unit]), work.kv_start, work.kv_end,
+                     as32(unit_state0[unit] + chunk_index), as32(chunks[unit]), merge_indptr,
+                     int(merge_indptr[-1]), work.split)

@@ -1,0 +1,430 @@
+"""MLA: multi-head latent attention (DeepSeek-V2/V3 with absorbed weights) over a paged latent cache.
+
+Every head attends one shared latent cache: key j is ``[ckv_j | kpe_j]`` (512 + 64 dims) and its
+value is ``ckv_j``. Scores are ``(q_nope . ckv + q_pe . kpe) * sm_scale``; ``sm_scale`` has no
+default (DeepSeek-V3 uses ``1 / sqrt(128 + 64)``, the head_dim before absorption).
+
+- :class:`MLAPagedCache`: the ``ckv`` / ``kpe`` page pools (separate arrays, or views of one
+  ``[num_pages, page_size, 576]`` array), with the page allocator of :class:`PagedKVCache`.
+- :class:`BatchMLA`: plan once per step, run every layer; decode (one query per request) and
+  multi-token queries (speculative decoding, MTP, prefill with absorbed weights), causal
+  bottom-right. Small batches with long contexts are split over the keys and merged; with
+  ``use_cuda_graph=True`` a captured ``run()`` replays after any later ``plan()`` that fits.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _arrays as A
+from . import _core, _kernels, _tiles, planner
+from .attention import _host_indptr, attention_dtype
+from .merge import VarlenMerge
+from .paged import SequencePages, _PageTables, _cache_dtype, _default_device, _write
+from .planner import positive_int
+
+__all__ = ["BatchMLA", "MLAPagedCache"]
+
+CKV_DIM, KPE_DIM = _tiles.MLA_CKV_DIM, _tiles.MLA_KPE_DIM
+
+_PTR_FIELDS = ("q_nope", "q_pe", "ckv", "kpe", "o", "lse", "partial_o", "partial_lse",
+               "qo_indptr", "kv_indptr", "kv_indices", "kv_lens", "num_items", "item_request",
+               "item_q_start", "item_kv_start", "item_kv_end", "item_state", "item_state_stride")
+_STRIDE_FIELDS = ("q_nope_stride_token", "q_nope_stride_head", "q_pe_stride_token",
+                  "q_pe_stride_head", "ckv_stride_page", "ckv_stride_slot", "kpe_stride_page",
+                  "kpe_stride_slot")
+#: ``MLAParams`` of kernels_cu/common/mla_params.cuh, field by field (C layout).
+MLA_PARAMS_DTYPE = np.dtype([(f, np.uint64) for f in _PTR_FIELDS] +
+                            [(f, np.int64) for f in _STRIDE_FIELDS] +
+                            [(f, np.int32) for f in ("num_heads", "group_size", "page_size",
+                                                     "causal")] +
+                            [("logits_scale", np.float32)], align=True)
+
+
+def _check_dims(head_dim_ckv, head_dim_kpe) -> None:
+    if (head_dim_ckv, head_dim_kpe) != (CKV_DIM, KPE_DIM):
+        raise NotImplementedError(f"MLA supports head_dim_ckv={CKV_DIM} and head_dim_kpe="
+                                  f"{KPE_DIM} (DeepSeek-V2/V3); got {head_dim_ckv} and "
+                                  f"{head_dim_kpe}")
+
+
+# ---- the cache -------------------------------------------------------------------------------
+
+class MLAPagedCache(SequencePages):
+    """The latent cache of one layer: ``ckv_cache [num_pages, page_size, 512]`` and
+    ``kpe_cache [num_pages, page_size, 64]``, with per-sequence page tables.
+
+    Parameters
+    ----------
+    num_pages, page_size : int
+    head_dim_ckv, head_dim_kpe : 512 and 64 (the only supported sizes)
+    dtype : float16 or bfloat16 (default)
+    ckv_cache, kpe_cache : optional pools to adopt (CuPy, NumPy or DLPack tensors, no copy);
+        or ``kv_cache [num_pages, page_size, 576]``, one array whose last axis is
+        ``[ckv | kpe]`` (the two pools are then views of it). Otherwise allocated, uninitialised.
+    device : "gpu" | "cpu", optional; where to allocate (default: the GPU when there is one)
+
+    The allocator (``add_sequence``, ``grow``, ``free``, ``seq_len``, ``seq_pages``,
+    ``page_table``, ``num_free_pages``) is that of :class:`cpattn.PagedKVCache`;
+    ``append(seq_ids, ckv_new, kpe_new, append_indptr=None)`` writes new tokens.
+    """
+
+    def __init__(self, num_pages: int, page_size: int, head_dim_ckv: int = CKV_DIM,
+                 head_dim_kpe: int = KPE_DIM, dtype="bfloat16", *, ckv_cache=None,
+                 kpe_cache=None, kv_cache=None, device: str | None = None):
+        self.num_pages = positive_int(num_pages, "num_pages")
+        self.page_size = positive_int(page_size, "page_size")
+        _check_dims(head_dim_ckv, head_dim_kpe)
+        self.dtype = _cache_dtype(dtype)
+        if self.num_pages > A.INT32_MAX:
+            raise ValueError(f"num_pages must be < 2^31 (int32 page ids); got {num_pages}")
+        if device not in (None, "gpu", "cpu"):
+            raise ValueError(f"device must be 'gpu', 'cpu' or None; got {device!r}")
+        if kv_cache is not None:
+            if ckv_cache is not None or kpe_cache is not None:
+                raise ValueError("give kv_cache, or ckv_cache and kpe_cache, not both")
+            kv_cache = A.intake(kv_cache, "kv_cache")
+            A.check_shape(kv_cache, "kv_cache", (self.num_pages, self.page_size, CKV_DIM + KPE_DIM),
+                          "[num_pages, page_size, head_dim_ckv + head_dim_kpe]")
+            ckv_cache, kpe_cache = kv_cache[..., :CKV_DIM], kv_cache[..., CKV_DIM:]
+        if (ckv_cache is None) != (kpe_cache is None):
+            raise ValueError("give both ckv_cache and kpe_cache, or neither")
+        if ckv_cache is None:
+            on_gpu = (device or _default_device()) == "gpu"
+            if on_gpu and A.cupy is None:
+                raise ValueError("device='gpu' needs CuPy; install cpattn[cuda12] or [cuda13]")
+            xp = A.cupy if on_gpu else np
+            ckv_cache = xp.empty((self.num_pages, self.page_size, CKV_DIM), self.dtype)
+            kpe_cache = xp.empty((self.num_pages, self.page_size, KPE_DIM), self.dtype)
+        else:
+            arrs, on_gpu = A.intake_all({"ckv_cache": ckv_cache, "kpe_cache": kpe_cache})
+            if device is not None and (device == "gpu") != on_gpu:
+                raise ValueError(f"device={device!r} but the pools live on the "
+                                 f"{'GPU' if on_gpu else 'CPU'}")
+            ckv_cache, kpe_cache = arrs.values()
+            check_pools(ckv_cache, kpe_cache, self.dtype, (self.num_pages, self.page_size))
+            if not on_gpu and not (ckv_cache.flags.writeable and kpe_cache.flags.writeable):
+                raise ValueError("ckv_cache and kpe_cache must be writeable; the cache is "
+                                 "written in place")
+        self.ckv_cache, self.kpe_cache, self.on_gpu = ckv_cache, kpe_cache, on_gpu
+        self._tables = _PageTables(self.num_pages, self.page_size)
+
+    def append(self, seq_ids, ckv_new, kpe_new, append_indptr=None, *, stream=None) -> None:
+        """Append new tokens' ``ckv_new [total_new, 512]`` and ``kpe_new [total_new, 64]`` to
+        distinct sequences: grow each (all or nothing), then write. ``append_indptr [batch + 1]``
+        gives the new tokens per sequence (default: one each)."""
+        arrs, _ = A.intake_all({"ckv_cache": self.ckv_cache, "ckv_new": ckv_new,
+                                "kpe_new": kpe_new})
+        ckv_new, kpe_new = arrs["ckv_new"], arrs["kpe_new"]
+        total = None
+        for name, new, dim in (("ckv_new", ckv_new, CKV_DIM), ("kpe_new", kpe_new, KPE_DIM)):
+            A.check_shape(new, name, (total, dim), f"[total_new, {dim}]")
+            total = new.shape[0]
+            if new.dtype != self.dtype:
+                raise ValueError(f"{name} must have the cache's dtype {A.dtype_name(self.dtype)}"
+                                 f"; got {A.dtype_name(new.dtype)}")
+            A.check_last_dim_contiguous(new, name)
+            if A.is_gpu(new):
+                A.check_vector_aligned(new, name)
+        # One "kv head": the append kernel copies a ckv row and a kpe row per token.
+        self._grow_and_write(seq_ids, "ckv_new", total, append_indptr, lambda page, slot: _write(
+            self.ckv_cache[:, :, None], self.kpe_cache[:, :, None], ckv_new[:, None],
+            kpe_new[:, None], page, slot, "NHD", stream))
+
+    def __repr__(self) -> str:
+        return (f"MLAPagedCache(num_pages={self.num_pages}, page_size={self.page_size}, "
+                f"dtype={A.dtype_name(self.dtype)}, device={'gpu' if self.on_gpu else 'cpu'!r}, "
+                f"sequences={len(self)}, free_pages={self.num_free_pages})")
+
+
+def check_pools(ckv_cache, kpe_cache, dtype, pages_shape=None) -> None:
+    """ckv ``[num_pages, page_size, 512]`` and kpe ``[num_pages, page_size, 64]`` of ``dtype``,
+    contiguous in the last axis and 16-byte aligned (on the GPU)."""
+    for name, pool, dim in (("ckv_cache", ckv_cache, CKV_DIM), ("kpe_cache", kpe_cache, KPE_DIM)):
+        expected = (pages_shape or ckv_cache.shape[:2]) + (dim,)
+        A.check_shape(pool, name, tuple(expected), f"[num_pages, page_size, {dim}]")
+        if pool.dtype != dtype:
+            raise ValueError(f"{name} must have dtype {A.dtype_name(dtype)}; got "
+                             f"{A.dtype_name(pool.dtype)}")
+        A.check_last_dim_contiguous(pool, name)
+        if A.is_gpu(pool):
+            A.check_vector_aligned(pool, name)
+
+
+# ---- the wrapper -----------------------------------------------------------------------------
+
+def choose_tiles(num_heads: int, max_qo_len: int) -> tuple[_tiles.MLATileConfig, int]:
+    """(tiles, heads per CTA): 16 rows when a request's (query, head) rows fit in them, else
+    32; a CTA holds all heads of its queries or a block of them."""
+    small, large = _tiles.MLA_TILES
+    if num_heads * max(max_qo_len, 1) <= small.rows:
+        return small, num_heads
+    if num_heads <= large.rows:
+        return large, num_heads
+    for cfg in (large, small):
+        if num_heads % cfg.rows == 0:
+            return cfg, cfg.rows
+    raise NotImplementedError(f"num_heads={num_heads}: MLA supports up to {large.rows} heads, "
+                              f"or a multiple of {small.rows}")
+
+
+class BatchMLA:
+    """Batch MLA over a paged latent cache: plan once per step, run every layer.
+
+    ``plan(qo_indptr, kv_indptr, kv_indices, kv_lens, num_heads, head_dim_ckv, head_dim_kpe,
+    page_size, *, causal=False, sm_scale, dtype="bfloat16", stream=None)`` takes host int32
+    arrays: ``qo_indptr [batch + 1]`` (query rows of each request), ``kv_indptr [batch + 1]``
+    (pages), ``kv_indices [kv_indptr[-1]]`` and ``kv_lens [batch]`` (tokens; bounds are
+    token-granular, so partly filled last pages are fine). ``sm_scale`` is required.
+
+    ``run(q_nope, q_pe, ckv_cache, kpe_cache=None, *, return_lse=False, out=None, stream=None)``
+    takes ``q_nope [total_q, num_heads, 512]``, ``q_pe [total_q, num_heads, 64]`` and the pools
+    (or an :class:`MLAPagedCache` as ``ckv_cache``); returns out ``[total_q, num_heads, 512]``
+    (and lse ``[total_q, num_heads]``, natural log).
+
+    ``use_cuda_graph=True`` with ``max_batch_size``, ``max_num_pages`` (entries of
+    kv_indices), ``max_total_q`` (default ``max_batch_size``) and optionally ``max_items``: fixed
+    buffers and grid, always the split path, outputs owned by the wrapper (as ``BatchDecode``).
+    """
+
+    def __init__(self, *, use_cuda_graph=False, max_batch_size=None, max_num_pages=None,
+                 max_total_q=None, max_items=0):
+        self._num_sms = None
+        self._limits = None
+        capacities = None
+        if use_cuda_graph:
+            if not max_batch_size or not max_num_pages:
+                raise ValueError("use_cuda_graph=True needs max_batch_size and max_num_pages: "
+                                 "the buffers a captured graph uses are sized once")
+            total_q = max_total_q or max_batch_size
+            items = max_items or max(2 * self._sms(), total_q)
+            self._limits = dict(batch=max_batch_size, pages=max_num_pages, total_q=total_q,
+                                items=items)
+            capacities = dict(num_items=1, qo_indptr=max_batch_size + 1,
+                              kv_indptr=max_batch_size + 1, kv_indices=max_num_pages,
+                              kv_lens=max_batch_size, merge_indptr=total_q + 1,
+                              **{n: items for n in ("item_request", "item_q_start",
+                                                    "item_kv_start", "item_kv_end", "item_state",
+                                                    "item_state_stride")})
+        self._buffer = _core.PlanBuffer(capacities)
+        self._plan = None
+        self._fixed = None     # graph mode: (tiles, group, heads, dtype, causal, scale, page_size)
+        self._partials = None  # (partial_o, partial_lse), grown as needed (fixed with graphs)
+        self._outputs = None   # graph mode: (out, lse) of max_total_q rows
+        self._scratch_lse = None
+        self._merge = self._merge_key = None
+
+    def _sms(self) -> int:
+        if self._num_sms is None:
+            import cupy
+            self._num_sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        return self._num_sms
+
+    def plan(self, qo_indptr, kv_indptr, kv_indices, kv_lens, num_heads, head_dim_ckv,
+             head_dim_kpe, page_size, *, causal=False, sm_scale, dtype="bfloat16", stream=None):
+        self._plan = None  # a plan that fails leaves no stale plan behind
+        _check_dims(head_dim_ckv, head_dim_kpe)
+        num_heads = positive_int(num_heads, "num_heads")
+        page_size = positive_int(page_size, "page_size")
+        if sm_scale is None or not (math.isfinite(sm_scale) and sm_scale > 0):
+            raise ValueError(f"sm_scale must be a finite number > 0 (MLA has no default; "
+                             f"DeepSeek-V3 uses 1/sqrt(128 + 64)); got {sm_scale}")
+        dtype = attention_dtype(dtype)
+        qo_indptr = _host_indptr(qo_indptr, "qo_indptr")
+        kv_indptr = planner.host_index(kv_indptr, "kv_indptr")
+        kv_indices = planner.host_index(kv_indices, "kv_indices")
+        kv_lens = planner.check_page_table(kv_indptr, kv_indices, A.INT32_MAX, page_size,
+                                           kv_lens=kv_lens)
+        if len(qo_indptr) != len(kv_indptr):
+            raise ValueError(f"qo_indptr must have batch + 1 = {len(kv_indptr)} entries like "
+                             f"kv_indptr; got {len(qo_indptr)}")
+        qo_lens = np.diff(qo_indptr)
+        batch, total_q = len(kv_lens), int(qo_indptr[-1])
+        cfg, group = choose_tiles(num_heads, int(qo_lens.max(initial=0)))
+        limits = self._limits
+        if limits is not None:
+            cfg, group = self._graph_tiles(cfg, group, num_heads, dtype, causal, sm_scale,
+                                           page_size)
+            for what, have, most in (("batch", batch, limits["batch"]),
+                                     ("qo_indptr[-1]", total_q, limits["total_q"]),
+                                     ("kv_indptr[-1]", len(kv_indices), limits["pages"])):
+                if have > most:
+                    raise ValueError(f"{what}={have} is over the maximum this CUDA-graph "
+                                     f"BatchMLA was built for ({most})")
+        head_blocks = num_heads // group
+        per_item = cfg.rows // group
+        work = planner.partition_tiles(qo_lens, kv_lens, per_item, causal, head_blocks,
+                                       num_sms=self._sms(), ctas_per_sm=1, tile=cfg.tile,
+                                       max_items=limits["items"] if limits else None)
+        split = work.split or limits is not None
+        merge_indptr = work.merge_indptr
+        if limits is not None:
+            merge_indptr = np.pad(merge_indptr, (0, limits["total_q"] - total_q), mode="edge")
+        arrays = dict(num_items=np.array([work.num_items], np.int32), item_request=work.request,
+                      item_q_start=work.q_start, item_kv_start=work.kv_start,
+                      item_kv_end=work.kv_end, item_state=work.state,
+                      item_state_stride=work.state_stride, qo_indptr=qo_indptr,
+                      kv_indptr=kv_indptr, kv_indices=kv_indices, kv_lens=kv_lens,
+                      merge_indptr=merge_indptr)
+        kernel = _core.load_kernel("mla_attention", cfg.targs(_kernels.CTYPES[A.dtype_name(dtype)]),
+                                   cfg.smem_bytes(), f"MLA with {cfg.rows}-row tiles")
+        pointers = self._buffer.upload(arrays, stream)
+        params = np.zeros((), MLA_PARAMS_DTYPE)
+        for name, ptr in pointers.items():
+            if name in params.dtype.names:
+                params[name] = ptr
+        params["num_heads"], params["group_size"] = num_heads, group
+        params["page_size"], params["causal"] = page_size, int(bool(causal))
+        params["logits_scale"] = sm_scale * _core.LOG2E
+        grid = limits["items"] if limits else work.num_items
+        merge = None
+        if split:
+            states = limits["items"] * per_item if limits else work.num_states
+            partial_o, partial_lse = self._partial_buffers(states, num_heads)
+            params["partial_o"], params["partial_lse"] = partial_o.data.ptr, partial_lse.data.ptr
+            rows = limits["total_q"] if limits else total_q
+            merge = self._merge_launch(partial_o, partial_lse, pointers["merge_indptr"], rows,
+                                       dtype)
+        launch = _core.DirectLaunch(kernel, (grid, head_blocks), (cfg.threads,), cfg.smem_bytes(),
+                                    [params])
+        self._plan = dict(launch=launch, params=launch.args[0], heads=num_heads, dtype=dtype,
+                          total_q=total_q, page_size=page_size, split=split, merge=merge,
+                          max_page=int(kv_indices.max(initial=-1)), checked=None)
+
+    def _graph_tiles(self, cfg, group, num_heads, dtype, causal, sm_scale, page_size):
+        """Graph mode: the first plan fixes tiles and launch arguments; later plans keep them
+        (the 32-row tiles serve every plan; 16-row ones only plans that fit them)."""
+        if self._fixed is None:
+            if self._outputs is None:  # allocated here, never inside a capture
+                import cupy
+                rows = self._limits["total_q"]
+                self._outputs = (cupy.empty((rows, num_heads, CKV_DIM), dtype),
+                                 cupy.empty((rows, num_heads), np.float32))
+            self._fixed = (cfg, group, num_heads, dtype, bool(causal), float(sm_scale), page_size)
+            return cfg, group
+        fixed_cfg, fixed_group = self._fixed[:2]
+        if self._fixed[2:] != (num_heads, dtype, bool(causal), float(sm_scale), page_size):
+            raise ValueError("a CUDA-graph BatchMLA keeps the num_heads, dtype, causal, sm_scale "
+                             "and page_size of its first plan; make a new BatchMLA")
+        if fixed_cfg.rows < cfg.rows:
+            raise ValueError(f"this CUDA-graph BatchMLA was first planned with {fixed_cfg.rows} "
+                             f"(query, head) rows per CTA and now needs {cfg.rows} (longer "
+                             "queries); plan the longest query length first")
+        return fixed_cfg, fixed_group
+
+    def _partial_buffers(self, states, heads):
+        import cupy
+        have = self._partials
+        if have is None or have[0].shape[0] < states or have[0].shape[1] != heads:
+            if have is not None and self._limits is not None:
+                raise ValueError("a CUDA-graph BatchMLA keeps one num_heads")
+            self._partials = (cupy.empty((max(states, 1), heads, CKV_DIM), np.float32),
+                              cupy.empty((max(states, 1), heads), np.float32))
+        return self._partials
+
+    def _merge_launch(self, partial_o, partial_lse, indptr_ptr, rows, dtype):
+        key = (id(partial_o), rows, dtype)
+        if self._merge_key != key:
+            self._merge = VarlenMerge(partial_o, partial_lse, 1, indptr_ptr, rows, dtype)
+            self._merge_key = key
+        self._merge.set_indptr(indptr_ptr)
+        return self._merge
+
+    @property
+    def fixed_outputs(self):
+        """CUDA-graph mode: the (out ``[max_total_q, H, 512]``, lse ``[max_total_q, H]``)
+        buffers every captured run writes; None outside graph mode or before the first plan."""
+        return self._outputs if self._limits is not None else None
+
+    def run(self, q_nope, q_pe, ckv_cache, kpe_cache=None, *, return_lse=False, out=None,
+            stream=None):
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("run() before plan(): plan the batch first")
+        if isinstance(ckv_cache, MLAPagedCache):
+            if kpe_cache is not None:
+                raise ValueError("kpe_cache is part of the MLAPagedCache given as ckv_cache")
+            ckv_cache, kpe_cache = ckv_cache.ckv_cache, ckv_cache.kpe_cache
+        elif kpe_cache is None:
+            raise ValueError("kpe_cache is required (or pass an MLAPagedCache as ckv_cache)")
+        arrs, on_gpu = A.intake_all({"q_nope": q_nope, "q_pe": q_pe, "ckv_cache": ckv_cache,
+                                     "kpe_cache": kpe_cache, "out": out})
+        if not on_gpu:
+            raise TypeError("BatchMLA runs CuPy (GPU) arrays; cpattn.reference.mla is the NumPy "
+                            "path")
+        q_nope, q_pe, ckv_cache, kpe_cache, out = arrs.values()
+        self._check_run(q_nope, q_pe, ckv_cache, kpe_cache)
+        out, lse = self._run_outputs(q_nope, out, return_lse)
+        params = plan["params"]
+        params["q_nope"], params["q_pe"] = q_nope.data.ptr, q_pe.data.ptr
+        params["ckv"], params["kpe"] = ckv_cache.data.ptr, kpe_cache.data.ptr
+        params["o"] = out.data.ptr
+        params["lse"] = 0 if lse is None or plan["split"] else lse.data.ptr
+        plan["launch"](stream)
+        if plan["split"]:
+            plan["merge"](out, lse, stream)
+        if self._limits is not None:
+            out, lse = out[:plan["total_q"]], lse[:plan["total_q"]]
+        return (out, lse) if return_lse else out
+
+    def _check_run(self, q_nope, q_pe, ckv_cache, kpe_cache) -> None:
+        """Full checks the first time a layout is seen; then only the base alignment."""
+        plan = self._plan
+        seen = tuple((x.dtype, x.shape, x.strides) for x in (q_nope, q_pe, ckv_cache, kpe_cache))
+        if seen != plan["checked"]:
+            heads, dtype = plan["heads"], plan["dtype"]
+            for name, q, dim in (("q_nope", q_nope, CKV_DIM), ("q_pe", q_pe, KPE_DIM)):
+                if q.dtype != dtype:
+                    raise ValueError(f"{name} must have the planned dtype {A.dtype_name(dtype)}"
+                                     f"; got {A.dtype_name(q.dtype)}")
+                A.check_shape(q, name, (plan["total_q"], heads, dim),
+                              f"[qo_indptr[-1], num_heads, {dim}]")
+                A.check_last_dim_contiguous(q, name)
+                A.check_vector_aligned(q, name)
+            if ckv_cache.ndim == 3 and ckv_cache.shape[1] != plan["page_size"]:
+                raise ValueError(f"ckv_cache must have page_size {plan['page_size']} (planned) "
+                                 f"in axis 1; got shape {tuple(ckv_cache.shape)}")
+            check_pools(ckv_cache, kpe_cache, dtype)
+            if plan["max_page"] >= ckv_cache.shape[0]:
+                raise ValueError(f"kv_indices refers to page {plan['max_page']} but ckv_cache "
+                                 f"has {ckv_cache.shape[0]} pages")
+            params = plan["params"]
+            for prefix, x in (("q_nope", q_nope), ("q_pe", q_pe)):
+                s = A.element_strides(x)
+                params[prefix + "_stride_token"], params[prefix + "_stride_head"] = s[0], s[1]
+            for prefix, x in (("ckv", ckv_cache), ("kpe", kpe_cache)):
+                s = A.element_strides(x)
+                params[prefix + "_stride_page"], params[prefix + "_stride_slot"] = s[0], s[1]
+            plan["checked"] = seen
+        elif (q_nope.data.ptr | q_pe.data.ptr | ckv_cache.data.ptr | kpe_cache.data.ptr) & 15:
+            raise ValueError("q_nope, q_pe, ckv_cache and kpe_cache must be 16-byte aligned")
+
+    def _run_outputs(self, q_nope, out, return_lse):
+        import cupy
+        plan = self._plan
+        shape = (plan["total_q"], plan["heads"], CKV_DIM)
+        if self._limits is not None:
+            if out is not None:
+                raise ValueError("a CUDA-graph BatchMLA writes its own fixed output buffer; "
+                                 "out= is not accepted")
+            return self._outputs
+        if out is None:
+            out = cupy.empty(shape, q_nope.dtype)
+        else:
+            A.check_same_dtype(out, "out", q_nope, "q_nope")
+            A.check_shape(out, "out", shape, "[qo_indptr[-1], num_heads, 512]")
+            if not out.flags.c_contiguous:
+                raise ValueError("out must be C-contiguous")
+            A.check_vector_aligned(out, "out", 4)
+        if return_lse:
+            lse = cupy.empty(shape[:2], np.float32)
+        elif plan["split"]:  # the merge writes an lse even when nobody asked for it
+            if self._scratch_lse is None or self._scratch_lse.shape[0] < shape[0] or \
+                    self._scratch_lse.shape[1] != shape[1]:
+                self._scratch_lse = cupy.empty(shape[:2], np.float32)
+            lse = self._scratch_lse[:shape[0]]
+        else:
+            lse = None
+        return out, lse
+

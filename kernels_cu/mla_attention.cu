@@ -1,0 +1,306 @@
+// mla_attention: multi-head latent attention (DeepSeek-V2/V3 MLA with absorbed weights) over a
+// paged latent cache, on tensor cores (mma.sync m16n8k16, fp32 accumulate).
+//
+// Every head attends the same keys: key j is [ckv_j | kpe_j] (512 + 64 dims) and its value is
+// ckv_j. Scores are (q_nope . ckv + q_pe . kpe) * sm_scale.
+//
+// Grid: x = work item of the plan (request, first query, key range), y = block of `group` heads.
+// Block: WARPS warps. A CTA owns ROWS = 16 * M_TILES packed (query, head) rows: row r is query
+// q_start + r / group of its request, for head blockIdx.y * group + r % group. Heads are the M
+// dimension of both products, so each key tile is read from memory once for all of them.
+// Tiles of TILE keys (rows of 72 16-byte chunks: 64 of ckv, 8 of kpe) stream through STAGES
+// shared-memory buffers with cp.async; keys past the item's range are zero-filled (the ckv chunk
+// is V: 0 * NaN would poison the output) and masked. Per tile:
+//   S = Q K^T   warp w computes all ROWS rows against keys [w * WARP_KEYS, +WARP_KEYS) (576 deep)
+//   softmax     the warps' row maxima meet in shared memory; P goes there too, as T
+//   O += P V    warp w accumulates output dims [w * WARP_DIMS, +WARP_DIMS) over all TILE keys
+// Every warp follows the same running maxima, so each keeps its own part of the denominators
+// (over its keys) and of O (over its dims); the denominators are summed at the end.
+#include "common/dtypes.cuh"
+#include "common/state.cuh"
+#include "common/mma.cuh"
+#include "common/mla_params.cuh"
+
+using namespace cpattn;
+
+constexpr int CKV_DIM = 512, KPE_DIM = 64;
+constexpr int CKV_CHUNKS = CKV_DIM / 8;                // 16-byte chunks of a ckv row: 64
+constexpr int ROW_CHUNKS = (CKV_DIM + KPE_DIM) / 8;    // ... of a [ckv | kpe] key or q row: 72
+
+template <typename T, int M_TILES, int WARPS, int TILE, int STAGES>
+__global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAParams p) {
+  constexpr int ROWS = 16 * M_TILES;
+  constexpr int THREADS = 32 * WARPS;
+  constexpr int WARP_KEYS = TILE / WARPS;    // keys of S per warp
+  constexpr int WARP_DIMS = CKV_DIM / WARPS; // output dims per warp
+  // P rows padded by 16 bytes: eight rows read by one ldmatrix fall in eight bank groups.
+  constexpr int P_STRIDE = TILE + 8;
+  static_assert(WARP_KEYS % 16 == 0 && WARP_DIMS % 16 == 0, "warps take whole 16-wide steps");
+  static_assert(STAGES >= 2, "cp.async pipeline needs two stages at least");
+  constexpr int ROW_STEP = THREADS / 8;      // copy: 8 threads per key row, 9 chunks each
+  constexpr int KEYS_PER_THREAD = TILE / ROW_STEP;
+  static_assert(TILE % ROW_STEP == 0, "copy layout must tile the tile");
+
+  if (blockIdx.x >= *p.num_items) return;  // fixed grids (CUDA graphs) may have spare CTAs
+  const int item = blockIdx.x, head_block = blockIdx.y;
+  const int b = p.item_request[item], q_start = p.item_q_start[item];
+  const int qo_begin = p.qo_indptr[b], qo_len = p.qo_indptr[b + 1] - qo_begin;
+  const int kv_len = p.kv_lens[b];
+  const int group = p.group_size;
+  const int q_count = min(ROWS / group, qo_len - q_start);
+  const int valid_rows = q_count * group;
+  const int diag = kv_len - qo_len;  // query i sees key j iff j <= i + diag (bottom-right causal)
+  const int kv_begin = p.item_kv_start[item];
+  int kv_end = p.item_kv_end[item];
+  if (p.causal) kv_end = min(kv_end, q_start + q_count + diag);  // the last query's last key + 1
+  const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + TILE - 1) / TILE : 0;
+
+  extern __shared__ uint4 smem[];
+  uint4* q_tile = smem;                                         // [ROWS][ROW_CHUNKS]
+  uint4* kv_tiles = q_tile + ROWS * ROW_CHUNKS;                 // [STAGES][TILE][ROW_CHUNKS]
+  T* p_tile = reinterpret_cast<T*>(kv_tiles + STAGES * TILE * ROW_CHUNKS);  // [ROWS][P_STRIDE]
+  float* row_red = reinterpret_cast<float*>(p_tile + ROWS * P_STRIDE);     // [WARPS][ROWS]
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const T* q_nope = static_cast<const T*>(p.q_nope);
+  const T* q_pe = static_cast<const T*>(p.q_pe);
+  const T* ckv = static_cast<const T*>(p.ckv);
+  const T* kpe = static_cast<const T*>(p.kpe);
+
+  // Q rows [q_nope | q_pe] of this CTA (padding rows zero-filled).
+  for (int c = tid; c < ROWS * ROW_CHUNKS; c += THREADS) {
+    const int r = c / ROW_CHUNKS, chunk = c % ROW_CHUNKS;
+    const bool valid = r < valid_rows;
+    const T* src = q_nope;
+    if (valid) {
+      const long long token = qo_begin + q_start + r / group;
+      const int head = head_block * group + r % group;
+      src = chunk < CKV_CHUNKS
+                ? q_nope + token * p.q_nope_stride_token + head * p.q_nope_stride_head + chunk * 8
+                : q_pe + token * p.q_pe_stride_token + head * p.q_pe_stride_head +
+                      (chunk - CKV_CHUNKS) * 8;
+    }
+    cp_async_16(q_tile + swizzle<ROW_CHUNKS>(r, chunk), src, valid);
+  }
+  // Thread (row, col) copies chunks col, col + 8, ..., col + 56 of ckv and chunk col of kpe for
+  // key rows row, row + ROW_STEP, ... of each tile. Page ids of the next tile to issue are
+  // fetched one iteration early, so their latency overlaps a tile of compute.
+  const int copy_col = tid % 8, copy_row = tid / 8;
+  const int* page_table = p.kv_indices + p.kv_indptr[b];
+  int pages[KEYS_PER_THREAD];
+  auto fetch_pages = [&](int tile) {
+#pragma unroll
+    for (int i = 0; i < KEYS_PER_THREAD; ++i) {
+      const int key = kv_begin + tile * TILE + copy_row + i * ROW_STEP;
+      pages[i] = key < kv_end ? __ldg(page_table + key / p.page_size) : 0;
+    }
+  };
+  auto issue_tile = [&](int tile, int stage) {
+    uint4* dst = kv_tiles + stage * TILE * ROW_CHUNKS;
+#pragma unroll
+    for (int i = 0; i < KEYS_PER_THREAD; ++i) {
+      const int r = copy_row + i * ROW_STEP, key = kv_begin + tile * TILE + r;
+      const bool valid = key < kv_end;
+      // NOTE: 64-bit offsets: page * stride_page passes 2^31 elements in pools over 4 GB.
+      const long long page = pages[i], slot = valid ? key % p.page_size : 0;
+      const T* ckv_row = valid ? ckv + page * p.ckv_stride_page + slot * p.ckv_stride_slot : ckv;
+      const T* kpe_row = valid ? kpe + page * p.kpe_stride_page + slot * p.kpe_stride_slot : kpe;
+#pragma unroll
+      for (int j = 0; j < CKV_CHUNKS / 8; ++j) {
+        const int chunk = copy_col + 8 * j;
+        cp_async_16(dst + swizzle<ROW_CHUNKS>(r, chunk), ckv_row + chunk * 8, valid);
+      }
+      cp_async_16(dst + swizzle<ROW_CHUNKS>(r, CKV_CHUNKS + copy_col), kpe_row + copy_col * 8,
+                  valid);
+    }
+  };
+#pragma unroll
+  for (int t = 0; t < STAGES - 1; ++t) {  // prologue; Q travels in the first group
+    if (t < num_tiles) {
+      fetch_pages(t);
+      issue_tile(t, t);
+    }
+    cp_async_commit();
+  }
+  fetch_pages(STAGES - 1);
+
+  float o[M_TILES][WARP_DIMS / 8][4];  // C fragments of this warp's dims of O
+  float m[M_TILES][2], d[M_TILES][2];  // rows g, g + 8 of each 16: running max (log2), denominator
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt) {
+#pragma unroll
+    for (int n = 0; n < WARP_DIMS / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
+    m[mt][0] = m[mt][1] = NEG_INF;
+    d[mt][0] = d[mt][1] = 0.f;
+  }
+  const int warp_key0 = warp * WARP_KEYS, warp_chunk0 = warp * WARP_DIMS / 8;
+  const float scale = p.logits_scale;
+
+  for (int t = 0; t < num_tiles; ++t) {
+    cp_async_wait<STAGES - 2>();
+    // Tile t has landed; every warp is done with tile t - 1 (its stage, P and maxima are free).
+    __syncthreads();
+    if (t + STAGES - 1 < num_tiles) {
+      issue_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES);
+      fetch_pages(t + STAGES);
+    }
+    cp_async_commit();
+    const uint4* kv = kv_tiles + (t % STAGES) * TILE * ROW_CHUNKS;
+    const int first_key = kv_begin + t * TILE + warp_key0;  // within the request
+
+    // S = Q K^T: all rows x this warp's keys, over the 576 dims of [ckv | kpe].
+    float s[M_TILES][WARP_KEYS / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int n = 0; n < WARP_KEYS / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+#pragma unroll 4
+    for (int kk = 0; kk < ROW_CHUNKS / 2; ++kk) {
+      unsigned a[M_TILES][4];
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt)
+        ldmatrix_x4(a[mt], q_tile + swizzle<ROW_CHUNKS>(mt * 16 + lane % 16, kk * 2 + lane / 16));
+#pragma unroll
+      for (int n = 0; n < WARP_KEYS / 16; ++n) {
+        unsigned bk[4];
+        const int key_row = warp_key0 + n * 16 + (lane / 16) * 8 + lane % 8;
+        ldmatrix_x4(bk, kv + swizzle<ROW_CHUNKS>(key_row, kk * 2 + (lane / 8) % 2));
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+          mma_16816<T>(s[mt][2 * n], a[mt], bk[0], bk[1]);
+          mma_16816<T>(s[mt][2 * n + 1], a[mt], bk[2], bk[3]);
+        }
+      }
+    }
+
+    // Keys past the range, and (causal) past a row's diagonal, score -inf. Only tiles that cross
+    // the range end or the diagonal of the CTA's first query test each score.
+    const int last_key = first_key + WARP_KEYS - 1;
+    if (last_key >= kv_end || (p.causal && last_key > q_start + diag)) {
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int n = 0; n < WARP_KEYS / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = first_key + n * 8 + 2 * (lane % 4) + (e % 2);
+            const int query = q_start + (mt * 16 + lane / 4 + 8 * (e / 2)) / group;
+            const bool visible = key < kv_end && (!p.causal || key <= query + diag);
+            s[mt][n][e] = visible ? s[mt][n][e] : NEG_INF;  // selected: -inf + NaN stays NaN
+          }
+    }
+
+    // Row maxima of this warp's keys, then of the whole tile (through shared memory).
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mx = NEG_INF;
+#pragma unroll
+        for (int n = 0; n < WARP_KEYS / 8; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        if (lane % 4 == 0) row_red[warp * ROWS + mt * 16 + lane / 4 + 8 * h] = mx;
+      }
+    __syncthreads();
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = mt * 16 + lane / 4 + 8 * h;
+        float tile_max = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) tile_max = fmaxf(tile_max, row_red[w * ROWS + row]);
+        const float m_new = fmaxf(m[mt][h], tile_max * scale);  // scale > 0: max commutes with it
+        // A row with no visible key yet keeps m = -inf: subtract 0, never -inf - -inf = NaN.
+        const float m_ref = m_new == NEG_INF ? 0.f : m_new;
+        const float rescale = exp2f(m[mt][h] - m_ref);
+        m[mt][h] = m_new;
+        d[mt][h] *= rescale;
+        if (__any_sync(0xffffffff, rescale != 1.f)) {  // warp-uniform: no row moved, no multiply
+#pragma unroll
+          for (int n = 0; n < WARP_DIMS / 8; ++n) {
+            o[mt][n][2 * h] *= rescale;
+            o[mt][n][2 * h + 1] *= rescale;
+          }
+        }
+#pragma unroll
+        for (int n = 0; n < WARP_KEYS / 8; ++n) {
+          const float p0 = exp2f(fmaf(s[mt][n][2 * h], scale, -m_ref));
+          const float p1 = exp2f(fmaf(s[mt][n][2 * h + 1], scale, -m_ref));
+          d[mt][h] += p0 + p1;
+          *reinterpret_cast<unsigned*>(p_tile + row * P_STRIDE + warp_key0 + n * 8 + 2 * (lane % 4)) =
+              pack_pair<T>(p0, p1);
+        }
+      }
+    __syncthreads();  // P of the whole tile is in shared memory
+
+    // O[:, this warp's dims] += P V over all keys of the tile.
+#pragma unroll
+    for (int kt = 0; kt < TILE / 16; ++kt) {
+      unsigned a[M_TILES][4];
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt)
+        ldmatrix_x4(a[mt], p_tile + (mt * 16 + lane % 16) * P_STRIDE + kt * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int dn = 0; dn < WARP_DIMS / 16; ++dn) {
+        unsigned bv[4];
+        const int key_row = kt * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+        ldmatrix_x4_trans(bv, kv + swizzle<ROW_CHUNKS>(key_row, warp_chunk0 + dn * 2 + lane / 16));
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+          mma_16816<T>(o[mt][2 * dn], a[mt], bv[0], bv[1]);
+          mma_16816<T>(o[mt][2 * dn + 1], a[mt], bv[2], bv[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Whole-row denominators: over the quad's keys, then over the warps' keys. (Every warp has
+  // passed the last tile's second barrier: nobody reads the maxima any more.)
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      d[mt][h] += __shfl_xor_sync(0xffffffff, d[mt][h], 1);
+      d[mt][h] += __shfl_xor_sync(0xffffffff, d[mt][h], 2);
+      if (lane % 4 == 0) row_red[warp * ROWS + mt * 16 + lane / 4 + 8 * h] = d[mt][h];
+    }
+  __syncthreads();
+
+  // Normalise and write this warp's dims: rows past valid_rows are padding.
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = mt * 16 + lane / 4 + 8 * h;
+      if (r >= valid_rows) continue;
+      float denom = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) denom += row_red[w * ROWS + r];
+      const bool empty = denom == 0.f;  // no visible key: output 0, lse -inf
+      const float inv_d = empty ? 0.f : 1.f / denom;
+      const float lse = empty ? NEG_INF : (m[mt][h] + log2f(denom)) * LN2;
+      const int query = q_start + r / group, head = head_block * group + r % group;
+      const int dim0 = warp * WARP_DIMS + 2 * (lane % 4);
+      const bool writes_lse = warp == 0 && lane % 4 == 0;
+      if (p.partial_o != nullptr) {
+        const long long state = p.item_state[item] + (r / group) * p.item_state_stride[item];
+        const long long row = state * p.num_heads + head;
+#pragma unroll
+        for (int n = 0; n < WARP_DIMS / 8; ++n)
+          store_pair<float>(p.partial_o + row * CKV_DIM + dim0 + n * 8, o[mt][n][2 * h] * inv_d,
+                            o[mt][n][2 * h + 1] * inv_d);
+        if (writes_lse) p.partial_lse[row] = lse;
+      } else {
+        const long long row = static_cast<long long>(qo_begin + query) * p.num_heads + head;
+        T* out = static_cast<T*>(p.o);
+#pragma unroll
+        for (int n = 0; n < WARP_DIMS / 8; ++n)
+          store_pair<T>(out + row * CKV_DIM + dim0 + n * 8, o[mt][n][2 * h] * inv_d,
+                        o[mt][n][2 * h + 1] * inv_d);
+        if (writes_lse && p.lse != nullptr) p.lse[row] = lse;
+      }
+    }
+}

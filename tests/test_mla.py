@@ -1,0 +1,141 @@
+"""MLA on the CPU: MLAPagedCache (allocator, append, one [..., 576] array), BatchMLA plan
+validation, and the query-tile x key-chunk work list."""
+import numpy as np
+import pytest
+
+import cpattn
+from cpattn import mla, planner, reference
+
+CKV, KPE = 512, 64
+I32 = lambda *v: np.array(v, dtype=np.int32)
+
+
+def test_cache_append_fills_slots_in_order():
+    cache = cpattn.MLAPagedCache(6, 4, dtype="float16", device="cpu")
+    cache.add_sequence("a")
+    cache.add_sequence("b")
+    rng = np.random.default_rng(0)
+    ckv = rng.standard_normal((9, CKV)).astype(np.float16)
+    kpe = rng.standard_normal((9, KPE)).astype(np.float16)
+    cache.append(["a", "b"], ckv, kpe, I32(0, 6, 9))
+    kv_indptr, kv_indices, last, lens = cache.page_table(["a", "b"])
+    assert lens.tolist() == [6, 3] and last.tolist() == [2, 3]
+    for b, (lo, hi) in enumerate(((0, 6), (6, 9))):
+        for t in range(hi - lo):
+            page = kv_indices[kv_indptr[b] + t // 4]
+            np.testing.assert_array_equal(cache.ckv_cache[page, t % 4], ckv[lo + t])
+            np.testing.assert_array_equal(cache.kpe_cache[page, t % 4], kpe[lo + t])
+
+
+def test_cache_views_of_one_array():
+    kv = np.zeros((3, 2, CKV + KPE), np.float16)
+    cache = cpattn.MLAPagedCache(3, 2, dtype="float16", kv_cache=kv)
+    cache.add_sequence(0)
+    cache.append([0], np.ones((1, CKV), np.float16), np.full((1, KPE), 2, np.float16))
+    assert (kv[0, 0, :CKV] == 1).all() and (kv[0, 0, CKV:] == 2).all()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(head_dim_ckv=256), NotImplementedError, "head_dim_ckv=512"),
+    (dict(dtype="float32"), ValueError, "float16 or bfloat16"),
+    (dict(ckv_cache=np.zeros((4, 2, CKV), np.float16)), ValueError, "both ckv_cache and kpe_cache"),
+    (dict(ckv_cache=np.zeros((4, 2, CKV), np.float16),
+          kpe_cache=np.zeros((4, 3, KPE), np.float16)), ValueError, r"kpe_cache must have shape"),
+    (dict(kv_cache=np.zeros((4, 2, 512), np.float16)), ValueError, "kv_cache must have shape"),
+])
+def test_cache_errors(kwargs, error, match):
+    args = dict(num_pages=4, page_size=2, dtype="float16", device="cpu")
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        cpattn.MLAPagedCache(**args)
+
+
+def test_cache_append_errors_leave_it_unchanged():
+    cache = cpattn.MLAPagedCache(2, 4, dtype="float16", device="cpu")
+    cache.add_sequence(0)
+    with pytest.raises(ValueError, match=r"kpe_new must have shape"):
+        cache.append([0], np.zeros((1, CKV), np.float16), np.zeros((2, KPE), np.float16))
+    with pytest.raises(ValueError, match="kpe_new must have the cache's dtype"):
+        cache.append([0], np.zeros((1, CKV), np.float16), np.zeros((1, KPE), np.float32))
+    with pytest.raises(cpattn.OutOfPagesError):
+        cache.append([0], np.zeros((9, CKV), np.float16), np.zeros((9, KPE), np.float16),
+                     I32(0, 9))
+    assert cache.seq_len(0) == 0 and cache.num_free_pages == 2
+
+
+def plan_args(**over):
+    args = dict(qo_indptr=I32(0, 1, 2), kv_indptr=I32(0, 1, 3), kv_indices=I32(0, 1, 2),
+                kv_lens=I32(3, 20), num_heads=16, head_dim_ckv=CKV, head_dim_kpe=KPE,
+                page_size=16, sm_scale=0.07)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over, error, match", [
+    (dict(sm_scale=None), ValueError, "sm_scale must be a finite number > 0"),
+    (dict(sm_scale=-1.0), ValueError, "sm_scale"),
+    (dict(head_dim_kpe=128), NotImplementedError, "head_dim_kpe=64"),
+    (dict(num_heads=40), NotImplementedError, "num_heads=40"),
+    (dict(num_heads=0), ValueError, "num_heads"),
+    (dict(qo_indptr=I32(0, 1)), ValueError, "qo_indptr must have batch \\+ 1 = 3"),
+    (dict(kv_lens=I32(3, 40)), ValueError, "kv_lens"),
+    (dict(dtype="float32"), ValueError, "float16 or bfloat16"),
+])
+def test_plan_errors(over, error, match):
+    with pytest.raises(error, match=match):
+        cpattn.BatchMLA().plan(**plan_args(**over))
+
+
+def test_sm_scale_has_no_default():
+    args = plan_args()
+    del args["sm_scale"]
+    with pytest.raises(TypeError, match="sm_scale"):
+        cpattn.BatchMLA().plan(**args)
+
+
+@pytest.mark.parametrize("heads, qo, rows, group", [
+    (16, 1, 16, 16), (8, 2, 16, 8), (16, 2, 32, 16), (32, 1, 32, 32), (128, 1, 32, 32),
+    (48, 1, 16, 16), (20, 1, 32, 20)])
+def test_choose_tiles(heads, qo, rows, group):
+    cfg, g = mla.choose_tiles(heads, qo)
+    assert (cfg.rows, g) == (rows, group)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_partition_tiles_covers_every_query_and_key_once(seed):
+    rng = np.random.default_rng(seed)
+    batch = int(rng.integers(1, 12))
+    qo_lens = rng.integers(0, 9, batch)
+    kv_lens = rng.integers(0, 5000, batch)
+    causal = bool(seed % 2)
+    per_item = int(rng.integers(1, 4))
+    w = planner.partition_tiles(qo_lens, kv_lens, per_item, causal, int(rng.integers(1, 5)),
+                                num_sms=int(rng.integers(1, 40)), tile=64)
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)])
+    covered = {}  # token -> list of (state, kv_start, kv_end)
+    for i in range(w.num_items):
+        b, q0 = w.request[i], w.q_start[i]
+        for j in range(min(per_item, qo_lens[b] - q0)):
+            token = qo_indptr[b] + q0 + j
+            covered.setdefault(token, []).append(
+                (w.state[i] + j * w.state_stride[i], w.kv_start[i], w.kv_end[i]))
+    assert sorted(covered) == list(range(int(qo_indptr[-1])))
+    for token, parts in covered.items():
+        b = int(np.searchsorted(qo_indptr, token, side="right") - 1)
+        states = sorted(p[0] for p in parts)
+        assert states == list(range(w.merge_indptr[token], w.merge_indptr[token + 1]))
+        ranges = sorted((p[1], p[2]) for p in parts)
+        assert ranges[0][0] == 0
+        for (_, end), (start, _) in zip(ranges, ranges[1:]):
+            assert end == start
+        query = token - qo_indptr[b]
+        seen = min(kv_lens[b], query + 1 + kv_lens[b] - qo_lens[b]) if causal else kv_lens[b]
+        assert ranges[-1][1] >= max(seen, 0)
+    assert w.num_states == w.merge_indptr[-1]
+
+
+def test_reference_mla_needs_sm_scale():
+    with pytest.raises(ValueError, match="sm_scale is required"):
+        reference.mla(np.zeros((1, 1, CKV)), np.zeros((1, 1, KPE)), np.zeros((1, 1, CKV)),
+                      np.zeros((1, 1, KPE)), I32(0, 1), I32(0, 1), I32(0), kv_lens=I32(1),
+                      sm_scale=None)
