@@ -19,6 +19,7 @@ from . import _kernels, reference
 #: dtypes of v (lse is always float32).
 MERGE_DTYPES = (A.FLOAT16, A.BFLOAT16, A.FLOAT32)
 _ROW_THREADS = 128  # threads per block: rows_per_block = 128 // (head_dim / VEC)
+_STATE_LANES = 4  # split-KV merges: lanes of threads that share the states of a row
 
 #: Strides (in elements) of one input view of the kernel: ``StateView`` in merge_state.cu.
 _STATE_VIEW = np.dtype([(f, np.int64) for f in
@@ -125,6 +126,8 @@ class VarlenMerge:
             "merge_state", (_kernels.CTYPES[A.dtype_name(v.dtype)],
                             _kernels.CTYPES[A.dtype_name(np.dtype(out_dtype))]))
         threads_x = dim // (16 // v.itemsize)
+        # Each row's states are folded by several lanes of threads (see merge_state.cu).
+        lanes = max(1, min(_STATE_LANES, 1024 // threads_x))
         rows_per_block = max(1, _ROW_THREADS // threads_x)
         pointer = lambda x: np.uint64(x.data.ptr)
         self._out = [np.uint64(0), np.uint64(0)]  # v_out, s_out: set on each call
@@ -132,7 +135,9 @@ class VarlenMerge:
                 np.int32(0), *self._out, np.int32(rows), np.int32(heads), np.int32(dim)]
         from ._core import DirectLaunch
         self.launch = DirectLaunch(kernel, (-(-rows * heads // rows_per_block),),
-                                   (threads_x, rows_per_block), 0, args)
+                                   (threads_x, rows_per_block, lanes),
+                                   lanes * rows_per_block * threads_x * (16 // v.itemsize + 1) * 4,
+                                   args)
         self._out = self.launch.args[8:10]
 
     def set_indptr(self, indptr_ptr: int) -> None:

@@ -2,8 +2,11 @@
 // state over their union (split-KV partials, cascade levels).
 //
 // Grid / block mapping:
-//   one row = one (token, head) pair; block = (head_dim / VEC, rows_per_block) threads, each
-//   thread owning VEC consecutive elements of its row's head_dim; grid.x = ceil(rows / rows_per_block).
+//   one row = one (token, head) pair; block = (head_dim / VEC, rows_per_block, state_lanes)
+//   threads, each thread owning VEC consecutive elements of its row's head_dim;
+//   grid.x = ceil(rows / rows_per_block). With state_lanes > 1, lane z of a row folds states
+//   z, z + lanes, ... and the lanes' states meet in shared memory (split-KV rows of a small
+//   batch hold a hundred states and more: one thread per element would read them one by one).
 // The states of a row are those of view a (num_states_a of them, stride_state apart) followed by
 // those of view b: merge_state(a, b) passes one state in each, merge_states(v, s) all in view a.
 // A view with an indptr is variable-length: row token's states are indptr[token]..indptr[token+1]
@@ -20,23 +23,41 @@ struct StateView {
   const int* indptr;  // [num_tokens + 1] or nullptr: variable-length states, v_token unused
 };
 
+// Fold the states of one view into st. States are read BATCH at a time, every load of a batch
+// issued before the first merge: split-KV rows hold a hundred states and more, and one state at
+// a time would pay a full memory round trip each.
 template <typename T>
 __device__ __forceinline__ void merge_view(SoftmaxState<Vec16<T>::N>& st, const T* v, const float* s,
                                            const StateView& view, int num_states, int token,
-                                           int head, int dim) {
+                                           int head, int dim, int lane, int lanes) {
+  constexpr int BATCH = 8;
   long long first = token;  // index of the row's first state along the token axis
   if (view.indptr != nullptr) {
     first = view.indptr[token];
     num_states = view.indptr[token + 1] - view.indptr[token];
   }
-  for (int i = 0; i < num_states; ++i) {
-    const long long state = view.indptr != nullptr ? first + i : i;
-    const long long row = view.indptr != nullptr ? 0 : first;
-    const float lse = s[row * view.s_token + state * view.s_state + head * view.s_head];
-    if (lse == NEG_INF) continue;  // empty: its v is never read
-    float vec[Vec16<T>::N];
-    load_vec(v + row * view.v_token + state * view.v_state + head * view.v_head + dim, vec);
-    st.merge(vec, lse);
+  const long long row = view.indptr != nullptr ? 0 : first;
+  const long long state0 = view.indptr != nullptr ? first : 0;
+  // States lane, lane + lanes, ...: BATCH of them at a time, every load issued before the first
+  // merge, so that a batch costs one memory round trip.
+  for (int i0 = lane; i0 < num_states; i0 += BATCH * lanes) {
+    float lse[BATCH];
+    float vec[BATCH][Vec16<T>::N];
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j) {
+      const int i = i0 + j * lanes;
+      lse[j] = i < num_states
+                   ? s[row * view.s_token + (state0 + i) * view.s_state + head * view.s_head]
+                   : NEG_INF;
+    }
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j) {
+      const long long state = state0 + i0 + j * lanes;
+      if (lse[j] != NEG_INF)  // empty (or past the end): its v is never read
+        load_vec(v + row * view.v_token + state * view.v_state + head * view.v_head + dim, vec[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j) st.merge(vec[j], lse[j]);  // merge() skips lse = -inf
   }
 }
 
@@ -52,17 +73,41 @@ __global__ void merge_state_kernel(const T* __restrict__ v_a,      // view a: v 
                                    const int num_tokens, const int num_heads, const int head_dim) {
   constexpr int VEC = Vec16<T>::N;
   const int row = blockIdx.x * blockDim.y + threadIdx.y;
-  if (row >= num_tokens * num_heads) return;
+  const bool active = row < num_tokens * num_heads;
   const int token = row / num_heads, head = row % num_heads;
   const int dim = threadIdx.x * VEC;
+  const int lane = threadIdx.z, lanes = blockDim.z;
 
   SoftmaxState<VEC> st;
   st.init();
-  merge_view(st, v_a, s_a, view_a, num_states_a, token, head, dim);
-  merge_view(st, v_b, s_b, view_b, num_states_b, token, head, dim);
-
+  if (active) {
+    merge_view(st, v_a, s_a, view_a, num_states_a, token, head, dim, lane, lanes);
+    merge_view(st, v_b, s_b, view_b, num_states_b, token, head, dim, lane, lanes);
+  }
   float v[VEC];
-  const float lse = st.normalize(v);
+  float lse = st.normalize(v);
+  if (lanes > 1) {  // lanes 1.. publish their normalised states; lane 0 folds them in
+    extern __shared__ float lane_states[];  // [lanes][blockDim.y][blockDim.x][VEC + 1]
+    const int slot = (threadIdx.y * blockDim.x + threadIdx.x) * (VEC + 1);
+    const int lane_stride = blockDim.y * blockDim.x * (VEC + 1);
+    if (lane > 0) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) lane_states[lane * lane_stride + slot + i] = v[i];
+      lane_states[lane * lane_stride + slot + VEC] = lse;
+    }
+    __syncthreads();
+    if (lane > 0) return;
+    st.init();
+    st.merge(v, lse);
+    for (int other = 1; other < lanes; ++other) {
+      float w[VEC];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) w[i] = lane_states[other * lane_stride + slot + i];
+      st.merge(w, lane_states[other * lane_stride + slot + VEC]);
+    }
+    lse = st.normalize(v);
+  }
+  if (!active) return;
   store_vec(v_out + static_cast<long long>(row) * head_dim + dim, v);
   if (threadIdx.x == 0) s_out[row] = lse;
 }
