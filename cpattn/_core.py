@@ -13,13 +13,14 @@ from typing import Optional
 import numpy as np
 
 from . import _arrays as A
-from . import _kernels, _tiles
+from . import _kernels, _tiles, planner
 
 LOG2E = 1.4426950408889634
 
 _PTR_FIELDS = ("q", "k", "v", "o", "lse", "partial_o", "partial_lse", "qo_indptr", "kv_indptr",
                "kv_indices", "kv_lens", "mask", "mask_indptr", "num_items", "item_request",
-               "item_q_start", "item_kv_start", "item_kv_end", "tile_class", "item_class_offset")
+               "item_q_start", "item_kv_start", "item_kv_end", "tile_class", "item_class_offset",
+               "item_state", "item_state_stride")
 _STRIDE_FIELDS = ("q_stride_token", "q_stride_head", "k_stride_page", "k_stride_slot",
                   "k_stride_head", "v_stride_page", "v_stride_slot", "v_stride_head")
 _INT_FIELDS = ("num_qo_heads", "group_size", "page_size", "causal", "window_left")
@@ -116,6 +117,42 @@ def partition_prefill(qo_lens, kv_lens, queries_per_item: int, causal: bool):
     order = np.argsort(-cost, kind="stable")
     as32 = lambda x: np.ascontiguousarray(x[order], dtype=np.int32)
     return as32(request), as32(q_start), np.zeros(len(order), np.int32), as32(kv_end)
+
+
+_SMEM_PER_SM = 227 * 1024  # usable shared memory of one SM (Ampere A100 163 KB: fewer CTAs fit)
+_NUM_SMS: dict = {}
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors of the current device (read once per device)."""
+    import cupy
+    device = cupy.cuda.Device()
+    if device.id not in _NUM_SMS:
+        _NUM_SMS[device.id] = device.attributes["MultiProcessorCount"]
+    return _NUM_SMS[device.id]
+
+
+def ctas_per_sm(cfg: _tiles.TileConfig, head_dim: int) -> int:
+    """CTAs of these tiles resident on one SM: decode tiles are capped by shared memory (up to
+    4), prefill tiles by their 255 registers a thread (2)."""
+    by_smem = max(1, _SMEM_PER_SM // cfg.smem_bytes(head_dim))
+    return min(4, by_smem) if cfg.warps_kv > 1 else min(2, by_smem)
+
+
+def split_prefill(qo_lens, kv_lens, queries_per_item: int, causal: bool, num_kv_heads: int,
+                  cfg: _tiles.TileConfig, head_dim: int):
+    """Split-KV work for a prefill whose query tiles alone would leave SMs idle (few requests,
+    long keys: a shared prefix read by all queries of a cascade, one long request): a
+    ``planner.TiledWork`` whose tiles are cut into key chunks, or None when the unsplit work
+    list fills the GPU."""
+    qo_lens = np.asarray(qo_lens, np.int64)
+    tiles = int((-(-qo_lens // queries_per_item)).sum())
+    sms, per_sm = num_sms(), ctas_per_sm(cfg, head_dim)
+    if tiles * num_kv_heads >= sms * per_sm:
+        return None
+    work = planner.partition_tiles(qo_lens, kv_lens, queries_per_item, causal, num_kv_heads,
+                                   num_sms=sms, ctas_per_sm=per_sm, tile=cfg.tile)
+    return work if work.split else None
 
 
 _RETIRED: list = []  # (copy event, pinned block) of plan buffers dropped before their copy ran
@@ -309,6 +346,21 @@ class Launcher:
                                    cfg.smem_bytes(head_dim), [params])
         self.kv_layout, self.paged = kv_layout, paged
         self._layout_of = None  # (strides of q, shape and strides of k, v) the strides were set for
+        self.merge = None  # split-KV: (VarlenMerge, partial buffers) set by set_split()
+
+    def set_split(self, work, num_qo_heads: int, head_dim: int, indptr_ptr: int, dtype) -> None:
+        """Write fp32 partial states per the split ``work`` (a planner.TiledWork whose arrays
+        were uploaded with the plan) and merge them into the outputs after each launch."""
+        import cupy
+        from .merge import VarlenMerge
+        states = max(work.num_states, 1)
+        partial_o = cupy.empty((states, num_qo_heads, head_dim), np.float32)
+        partial_lse = cupy.empty((states, num_qo_heads), np.float32)
+        self.params["partial_o"], self.params["partial_lse"] = (partial_o.data.ptr,
+                                                                partial_lse.data.ptr)
+        rows = work.merge_indptr.shape[0] - 1
+        self.merge = (VarlenMerge(partial_o, partial_lse, 1, indptr_ptr, rows, dtype),
+                      partial_o, partial_lse)
 
     def set_grid(self, grid_items: int) -> None:
         self.launch.grid = (grid_items,) + self.launch.grid[1:]
@@ -325,6 +377,80 @@ class Launcher:
                 params[prefix + "_stride_slot"] = slot
                 params[prefix + "_stride_head"] = head
             self._layout_of = layout
+        if self.merge is not None:  # the kernel writes partial states; the merge, out and lse
+            if lse is None:
+                import cupy
+                lse = cupy.empty(out.shape[:2], np.float32)
+            self._pointers[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, 0)
+            self.launch(stream)
+            self.merge[0](out, lse, stream)
+            return
         self._pointers[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr,
                              0 if lse is None else lse.data.ptr)
         self.launch(stream)
+
+
+class GraphPrefill:
+    """The fixed side of a CUDA-graph prefill wrapper: the plan buffer's capacities, one launch
+    whose parameters later plans rewrite in place, the split-KV partials and their merge, and
+    the outputs. A captured run() replays after any later plan that fits them.
+
+    Everything is sized and allocated by the first plan (never inside a capture); later plans
+    must keep its shapes and options. Every plan takes the split path over a fixed grid, so the
+    launch arguments a graph holds stay valid.
+    """
+
+    def __init__(self, max_batch_size: int, max_num_pages: int, max_total_q: int,
+                 max_items: int = 0):
+        for name, value in (("max_batch_size", max_batch_size), ("max_num_pages", max_num_pages),
+                            ("max_total_q", max_total_q)):
+            planner.positive_int(value, name)
+        self.max_batch_size, self.max_num_pages = max_batch_size, max_num_pages
+        self.max_total_q, self.max_items = max_total_q, max_items
+        self.key = None
+        self.buffer = self.launch = self.outputs = None
+        self.items = self.states = 0
+
+    def setup(self, key, cfg: _tiles.TileConfig, dtype, head_dim: int, num_qo_heads: int,
+              num_kv_heads: int, kv_layout: str) -> None:
+        if self.key is not None:
+            if key != self.key:
+                raise ValueError("a CUDA-graph wrapper keeps the heads, head_dim, page_size, "
+                                 "dtype, layout and options (causal, sm_scale, window_left, "
+                                 "logits_soft_cap) of its first plan; make a new one")
+            return
+        import cupy
+        from .merge import VarlenMerge
+        per_item = cfg.rows // (num_qo_heads // num_kv_heads)
+        slots = num_sms() * ctas_per_sm(cfg, head_dim)
+        tiles = self.max_batch_size + self.max_total_q // per_item  # query tiles, at most
+        self.items = self.max_items or tiles + slots
+        # Cut tiles add states only while the GPU is underfilled (fewer tiles than slots).
+        self.states = self.max_total_q + per_item * slots
+        items = self.items
+        self.buffer = PlanBuffer(dict(
+            num_items=1, qo_indptr=self.max_batch_size + 1, kv_indptr=self.max_batch_size + 1,
+            kv_indices=self.max_num_pages, kv_lens=self.max_batch_size,
+            merge_indptr=self.max_total_q + 1,
+            **{n: items for n in ("item_request", "item_q_start", "item_kv_start", "item_kv_end",
+                                  "item_state", "item_state_stride")}))
+        params = np.zeros((), PARAMS_DTYPE)
+        self.launch = Launcher(params, cfg, dtype, head_dim, items, num_kv_heads, kv_layout,
+                               paged=True)
+        partial_o = cupy.empty((self.states, num_qo_heads, head_dim), np.float32)
+        partial_lse = cupy.empty((self.states, num_qo_heads), np.float32)
+        params["partial_o"], params["partial_lse"] = partial_o.data.ptr, partial_lse.data.ptr
+        merge = VarlenMerge(partial_o, partial_lse, 1, 0, self.max_total_q, dtype)
+        self.launch.merge = (merge, partial_o, partial_lse)
+        self.outputs = (cupy.empty((self.max_total_q, num_qo_heads, head_dim), dtype),
+                        cupy.empty((self.max_total_q, num_qo_heads), np.float32))
+        self.key = key
+
+    def check(self, batch: int, total_q: int, num_pages: int) -> None:
+        for what, have, most, name in (
+                ("batch", batch, self.max_batch_size, "max_batch_size"),
+                ("qo_indptr[-1]", total_q, self.max_total_q, "max_total_q"),
+                ("kv_indptr[-1]", num_pages, self.max_num_pages, "max_num_pages")):
+            if have > most:
+                raise ValueError(f"{what}={have} is over {name}={most} of this CUDA-graph "
+                                 "wrapper")

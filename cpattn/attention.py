@@ -6,6 +6,8 @@ Shapes (NHD): q ``[total_q, num_qo_heads, head_dim]``, k / v ``[total_kv, num_kv
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from . import _arrays as A
@@ -102,12 +104,14 @@ class BatchPrefillRagged:
 
 
 def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim,
-                options: Options, mask, q_dtype, kv_layout="NHD", pages=None, stream=None) -> dict:
+                options: Options, mask, q_dtype, kv_layout="NHD", pages=None, stream=None,
+                graph=None) -> dict:
     """Validate, build the work list and upload it; ``plan["launch"]`` runs it.
 
     ``pages`` is None for ragged keys (request b's keys are rows ``kv_indptr[b]:kv_indptr[b+1]``)
     or ``(kv_indices, kv_lens, page_size)`` for a paged pool (``kv_indptr`` then counts pages;
-    both arrays already checked, e.g. by ``planner.check_page_table``).
+    both arrays already checked, e.g. by ``planner.check_page_table``). ``graph`` (a
+    ``_core.GraphPrefill``, paged only) replaces ``buffer``: fixed buffers, grid and launch.
     """
     custom_mask, packed_custom_mask, mask_indptr = mask
     options.check(custom_mask is not None or packed_custom_mask is not None)
@@ -125,13 +129,44 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
     kv_lens = np.diff(kv_indptr) if pages is None else pages[1]
     packed, mask_indptr, masks = _packed_mask(custom_mask, packed_custom_mask, mask_indptr,
                                               qo_lens, kv_lens)
-    cfg = _core.choose_tiles(head_dim, group, int(qo_lens.max(initial=0)))
+    if graph is not None:
+        if packed is not None:
+            raise ValueError("a CUDA-graph BatchPrefillPaged takes no custom mask (its size and "
+                             "address change from plan to plan)")
+        cfg = _core.choose_tiles(head_dim, group, 1 << 30)  # the prefill tiles serve any length
+        graph.setup((cfg, q_dtype, head_dim, num_qo_heads, num_kv_heads, kv_layout, options,
+                     pages[2]), cfg, q_dtype, head_dim, num_qo_heads, num_kv_heads, kv_layout)
+        graph.check(len(qo_lens), int(qo_indptr[-1]), len(pages[0]))
+        buffer = graph.buffer
+    else:
+        cfg = _core.choose_tiles(head_dim, group, int(qo_lens.max(initial=0)))
     queries_per_item = cfg.rows // group
-    request, q_start, kv_start, kv_end = _core.partition_prefill(qo_lens, kv_lens,
-                                                                 queries_per_item, options.causal)
+    if graph is not None:  # always split (the merge is part of the graph), on a fixed grid
+        split = planner.partition_tiles(qo_lens, kv_lens, queries_per_item, options.causal,
+                                        num_kv_heads, num_sms=_core.num_sms(),
+                                        ctas_per_sm=_core.ctas_per_sm(cfg, head_dim),
+                                        tile=cfg.tile, max_items=graph.items)
+        if split.num_states > graph.states:
+            raise ValueError(f"this plan needs {split.num_states} split-KV states; the "
+                             f"CUDA-graph wrapper holds {graph.states}")
+        split = dataclasses.replace(split, merge_indptr=np.pad(
+            split.merge_indptr, (0, graph.max_total_q + 1 - len(split.merge_indptr)),
+            mode="edge"))
+    else:
+        split = None if packed is not None else _core.split_prefill(
+            qo_lens, kv_lens, queries_per_item, options.causal, num_kv_heads, cfg, head_dim)
+    if split is not None:  # query tiles cut into key chunks, merged per token
+        request, q_start, kv_start, kv_end = split.request, split.q_start, split.kv_start, \
+            split.kv_end
+    else:
+        request, q_start, kv_start, kv_end = _core.partition_prefill(
+            qo_lens, kv_lens, queries_per_item, options.causal)
     arrays = dict(num_items=np.array([len(request)], np.int32), item_request=request,
                   item_q_start=q_start, item_kv_start=kv_start, item_kv_end=kv_end,
                   qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_lens=_as32(kv_lens))
+    if split is not None:
+        arrays.update(item_state=split.state, item_state_stride=split.state_stride,
+                      merge_indptr=split.merge_indptr)
     if pages is not None:
         arrays["kv_indices"] = pages[0]
     if packed is not None:
@@ -144,8 +179,9 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
                       item_kv_start=key_range[order, 0].copy(),
                       item_kv_end=key_range[order, 1].copy(), mask_indptr=mask_indptr,
                       tile_class=classes, item_class_offset=offsets[order])
-    params = np.zeros((), _core.PARAMS_DTYPE)
-    for name, ptr in buffer.upload(arrays, stream).items():
+    params = np.zeros((), _core.PARAMS_DTYPE) if graph is None else graph.launch.params
+    pointers = buffer.upload(arrays, stream)
+    for name, ptr in pointers.items():
         if name in params.dtype.names:
             params[name] = ptr
     device_mask = None
@@ -158,11 +194,18 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
     params["group_size"] = group
     params["page_size"] = 0 if pages is None else pages[2]
     options.fill(params, head_dim)
-    launch = _core.Launcher(params, cfg, q_dtype, head_dim, len(request), num_kv_heads,
-                            kv_layout, paged=pages is not None)
+    if graph is not None:  # the launch, partials and merge of the first plan, rewritten
+        launch = graph.launch
+        launch.merge[0].set_indptr(pointers["merge_indptr"])
+    else:
+        launch = _core.Launcher(params, cfg, q_dtype, head_dim, len(request), num_kv_heads,
+                                kv_layout, paged=pages is not None)
+        if split is not None:
+            launch.set_split(split, num_qo_heads, head_dim, pointers["merge_indptr"], q_dtype)
+    # The plan holds its buffer: a caller's temporary one must outlive the launches that read it.
     return dict(launch=launch, total_q=int(qo_indptr[-1]), total_kv=int(kv_indptr[-1]),
                 heads=(num_qo_heads, num_kv_heads), head_dim=head_dim, dtype=q_dtype,
-                mask=device_mask)
+                mask=device_mask, buffer=buffer)
 
 
 def single_prefill(q, k, v, *, causal=False, sm_scale=None, window_left=-1, logits_soft_cap=0.0,

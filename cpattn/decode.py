@@ -18,9 +18,6 @@ from ._core import Options
 from .attention import _check_layout, attention_dtype
 from .merge import VarlenMerge
 
-_SMEM_PER_SM = 227 * 1024  # usable shared memory of one SM (Ampere A100 163 KB: fewer CTAs fit)
-
-
 @dataclass(frozen=True)
 class GraphLimits:
     """Maxima of a CUDA-graph BatchDecode: its buffers are sized for them once."""
@@ -58,7 +55,8 @@ class BatchDecode:
             capacities = dict(num_items=1, item_request=items, item_q_start=items,
                               item_kv_start=items, item_kv_end=items, qo_indptr=max_batch_size + 1,
                               kv_indptr=max_batch_size + 1, kv_indices=max_num_pages,
-                              kv_lens=max_batch_size, merge_indptr=max_batch_size + 1)
+                              kv_lens=max_batch_size, merge_indptr=max_batch_size + 1,
+                              item_state=items, item_state_stride=items)
         self._buffer = _core.PlanBuffer(capacities)
         self._plan = None
         self._partials = None  # (partial_o, partial_lse), grown as needed (fixed with graphs)
@@ -84,11 +82,10 @@ class BatchDecode:
                                            kv_lens=kv_lens, kv_last_page_len=kv_last_page_len)
         batch = len(kv_lens)
         cfg = _core.choose_tiles(head_dim, group, 1)
-        ctas_per_sm = max(1, min(4, _SMEM_PER_SM // cfg.smem_bytes(head_dim)))
         limits = self._limits
         work = planner.partition_decode(kv_lens, num_kv_heads, num_sms=self._sms(),
-                                        ctas_per_sm=ctas_per_sm, tile=cfg.tile,
-                                        max_items=limits.max_items if limits else None,
+                                        ctas_per_sm=_core.ctas_per_sm(cfg, head_dim),
+                                        tile=cfg.tile, max_items=limits.max_items if limits else None,
                                         balance_waves=True)
         split = work.split or limits is not None
         merge_indptr = work.merge_indptr
@@ -100,11 +97,13 @@ class BatchDecode:
                       item_q_start=np.zeros(work.num_items, np.int32), item_kv_start=work.kv_start,
                       item_kv_end=work.kv_end, qo_indptr=np.arange(batch + 1, dtype=np.int32),
                       kv_indptr=kv_indptr, kv_indices=kv_indices, kv_lens=kv_lens,
-                      merge_indptr=merge_indptr)
+                      merge_indptr=merge_indptr,
+                      # one query per request: the states of request b are its items, in order
+                      item_state=np.arange(work.num_items, dtype=np.int32),
+                      item_state_stride=np.ones(work.num_items, np.int32))
         launch = self._launcher(cfg, dtype, head_dim, num_qo_heads, num_kv_heads, kv_layout,
                                 options, page_size)  # (graph mode: refuses a changed shape first)
         pointers = self._buffer.upload(arrays, stream)
-        rows_per_item = cfg.rows // group
         grid = limits.max_items if limits else work.num_items
         launch.set_grid(grid)
         params = launch.params
@@ -118,12 +117,10 @@ class BatchDecode:
         params["partial_o"] = params["partial_lse"] = 0
         merge = None
         if split:
-            partial_o, partial_lse = self._partial_buffers(grid * rows_per_item, num_qo_heads,
-                                                           head_dim)
+            partial_o, partial_lse = self._partial_buffers(grid, num_qo_heads, head_dim)
             params["partial_o"], params["partial_lse"] = partial_o.data.ptr, partial_lse.data.ptr
             rows = limits.max_batch_size if limits else batch
-            merge = self._merge(partial_o, partial_lse, rows_per_item, pointers["merge_indptr"],
-                                rows, dtype)
+            merge = self._merge(partial_o, partial_lse, pointers["merge_indptr"], rows, dtype)
         self._plan = dict(launch=launch, heads=(num_qo_heads, num_kv_heads), head_dim=head_dim,
                           dtype=dtype, batch=batch, page_size=page_size, kv_layout=kv_layout,
                           split=split, merge=merge, max_page=int(kv_indices.max(initial=-1)),
@@ -166,12 +163,11 @@ class BatchDecode:
             self._launch_key = key
         return self._launch
 
-    def _merge(self, partial_o, partial_lse, rows_per_item, indptr_ptr, rows, dtype):
+    def _merge(self, partial_o, partial_lse, indptr_ptr, rows, dtype):
         """The split-KV merge of this shape, kept across plans (only its indptr may move)."""
-        key = (id(partial_o), rows_per_item, rows, dtype)
+        key = (id(partial_o), rows, dtype)
         if self._merge_key != key:
-            self._merge_launch = VarlenMerge(partial_o, partial_lse, rows_per_item, indptr_ptr,
-                                             rows, dtype)
+            self._merge_launch = VarlenMerge(partial_o, partial_lse, 1, indptr_ptr, rows, dtype)
             self._merge_key = key
         self._merge_launch.set_indptr(indptr_ptr)
         return self._merge_launch

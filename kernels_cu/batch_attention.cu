@@ -356,7 +356,8 @@ batch_attention_kernel(const AttentionParams p) {
     const float lse = empty ? NEG_INF : (row_state.m[h] + log2f(row_state.d[h])) * LN2;
     const int dim0 = 2 * (lane % 4);
     if (p.partial_o != nullptr) {
-      const long long row = (static_cast<long long>(item) * (ROWS / group) + r / group) * p.num_qo_heads + head;
+      const long long state = p.item_state[item] + (r / group) * p.item_state_stride[item];
+      const long long row = state * p.num_qo_heads + head;
 #pragma unroll
       for (int n = 0; n < HEAD_DIM / 8; ++n)
         store_pair<float>(p.partial_o + row * HEAD_DIM + n * 8 + dim0, row_state.o[n][2 * h] * inv_d,

@@ -9,8 +9,8 @@ struct AttentionParams {
   const void* v;            // same shape and layout as k
   void* o;                  // [total_q, num_qo_heads, head_dim], contiguous, q's dtype
   float* lse;               // [total_q, num_qo_heads] natural log, or nullptr
-  float* partial_o;         // split-KV: [num_items * q_per_item, num_qo_heads, head_dim] fp32
-  float* partial_lse;       // split-KV: [num_items * q_per_item, num_qo_heads]; nullptr if unsplit
+  float* partial_o;         // split-KV: [num_states, num_qo_heads, head_dim] fp32
+  float* partial_lse;       // split-KV: [num_states, num_qo_heads]; nullptr if unsplit
   const int* qo_indptr;     // [batch + 1]
   const int* kv_indptr;     // [batch + 1] in pages (paged) or in tokens (ragged)
   const int* kv_indices;    // [kv_indptr[batch]] page ids; nullptr for ragged KV
@@ -25,6 +25,8 @@ struct AttentionParams {
   const int* tile_class;        // custom mask: class of each (item, key tile): 0 empty, 1 full,
                                 // 2 partial (only partial tiles read mask bits); or nullptr
   const int* item_class_offset; // [num_items] where an item's classes start in tile_class
+  const int* item_state;        // split-KV: [num_items] partial state of the item's first query
+  const int* item_state_stride; // [num_items] states between its consecutive queries
   long long q_stride_token, q_stride_head;                   // in elements
   long long k_stride_page, k_stride_slot, k_stride_head;     // ragged: page stride 0, slot = token
   long long v_stride_page, v_stride_slot, v_stride_head;
