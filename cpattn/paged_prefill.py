@@ -25,11 +25,35 @@ class BatchPrefillPaged:
     Custom masks are per request ``[qo_len, kv_len]`` blocks (flattened bool, or packed bits with
     ``mask_indptr`` in bytes). ``run(q, kv, *, return_lse=False, out=None, stream=None)`` takes
     q ``[qo_indptr[-1], num_qo_heads, head_dim]`` and a ``PagedKVCache`` or ``(k_pages, v_pages)``.
+
+    A batch whose query tiles alone would leave SMs idle (few requests over long keys) has its
+    keys split into chunks whose states are merged per query.
+
+    ``use_cuda_graph=True`` with ``max_batch_size``, ``max_num_pages`` (entries of kv_indices)
+    and ``max_total_q`` (query rows): the first plan sizes fixed buffers, every plan takes the
+    split path on a fixed grid, and run() writes outputs the wrapper owns (``fixed_outputs``;
+    out= is not accepted), so a captured run() replays after any later plan that fits. Fixed
+    by the first plan: heads, head_dim, page_size, dtype, layout and options; custom masks are
+    not taken in this mode.
     """
 
-    def __init__(self):
+    def __init__(self, *, use_cuda_graph=False, max_batch_size=None, max_num_pages=None,
+                 max_total_q=None, max_items=0):
+        self._graph = None
+        if use_cuda_graph:
+            if not (max_batch_size and max_num_pages and max_total_q):
+                raise ValueError("use_cuda_graph=True needs max_batch_size, max_num_pages and "
+                                 "max_total_q: the buffers a captured graph uses are sized once")
+            self._graph = _core.GraphPrefill(max_batch_size, max_num_pages, max_total_q,
+                                             max_items)
         self._buffer = _core.PlanBuffer()
         self._plan = None
+
+    @property
+    def fixed_outputs(self):
+        """CUDA-graph mode: the (out ``[max_total_q, Hq, D]``, lse ``[max_total_q, Hq]``)
+        buffers every captured run writes; None before the first plan and outside graph mode."""
+        return self._graph.outputs if self._graph is not None else None
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads,
              head_dim, page_size, *, kv_lens=None, causal=False,
@@ -45,7 +69,8 @@ class BatchPrefillPaged:
         plan = plan_ragged(self._buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads,
                            head_dim, options, (custom_mask, packed_custom_mask, mask_indptr),
                            attention_dtype(dtype), kv_layout,
-                           pages=(kv_indices, kv_lens, page_size), stream=stream)
+                           pages=(kv_indices, kv_lens, page_size), stream=stream,
+                           graph=self._graph)
         plan.update(page_size=page_size, kv_layout=kv_layout,
                     max_page=int(kv_indices.max(initial=-1)), checked=None)
         self._plan = plan
@@ -58,6 +83,14 @@ class BatchPrefillPaged:
                                                       "paged_prefill", plan["kv_layout"])
         _core.check_paged_run(plan, q, k_pages, v_pages, plan["total_q"],
                               "[qo_indptr[-1], num_qo_heads, head_dim]")
-        out, lse = _outputs(q, out, return_lse)
-        plan["launch"](q, k_pages, v_pages, out, lse, stream)
+        if self._graph is not None:
+            if out is not None:
+                raise ValueError("a CUDA-graph BatchPrefillPaged writes its own fixed output "
+                                 "buffer; out= is not accepted")
+            out, lse = self._graph.outputs
+            plan["launch"](q, k_pages, v_pages, out, lse, stream)
+            out, lse = out[:plan["total_q"]], lse[:plan["total_q"]]
+        else:
+            out, lse = _outputs(q, out, return_lse)
+            plan["launch"](q, k_pages, v_pages, out, lse, stream)
         return (out, lse) if return_lse else out

@@ -87,3 +87,77 @@ def test_paged_prefill_with_paged_kv_cache_and_layers():
                                          qo_indptr, kv_indptr, kv_indices, kv_last_page_len=last,
                                          causal=True)
         assert_close(cupy.asnumpy(out), ref, np.float16, "layer")
+
+
+@pytest.mark.parametrize("gqa", (1, 4))
+def test_split_kv_prefill(gqa):
+    """Few query tiles over long keys (one chunked-prefill request, a shared prefix read by all
+    queries): the keys are split into chunks and merged per query, causal and not."""
+    import cupy
+    rng = np.random.default_rng(gqa)
+    hq = 2 * gqa
+    for qo_lens, kv_lens, causal in (([64], [20000], True), ([1, 200], [9000, 5000], False),
+                                     ([577], [577], True)):
+        k, v, kv_indptr, kv_indices, kv_lens = paged_batch(rng, kv_lens, 16, 2, 128, A.FLOAT16,
+                                                           "NHD")
+        qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+        q = rng.standard_normal((qo_indptr[-1], hq, 128)).astype(A.FLOAT16)
+        ref_o, ref_lse = reference.paged_prefill(q, k, v, qo_indptr, kv_indptr, kv_indices,
+                                                 kv_lens=kv_lens, causal=causal)
+        wrapper = cpattn.BatchPrefillPaged()
+        wrapper.plan(qo_indptr, kv_indptr, kv_indices, None, hq, 2, 128, 16, kv_lens=kv_lens,
+                     causal=causal)
+        out, lse = wrapper.run(cupy.asarray(q), (cupy.asarray(k), cupy.asarray(v)),
+                               return_lse=True)
+        if qo_lens == [64]:
+            assert wrapper._plan["launch"].merge is not None  # the split path ran
+        assert_close(cupy.asnumpy(out), ref_o, A.FLOAT16, "out")
+        assert_close(cupy.asnumpy(lse), ref_lse, A.FLOAT32, "lse")
+
+
+def test_cuda_graph_replay_after_replan():
+    """Capture run() once; re-plan other batches (qo_len 1 to 577, kv < qo, empty requests) and
+    replay: the fixed outputs equal the reference each time."""
+    import cupy
+    rng = np.random.default_rng(7)
+    dtype, hq, hkv, d, ps = A.BFLOAT16, 8, 2, 128, 5
+    num_pages = 3000
+    k = rng.standard_normal((num_pages, ps, hkv, d)).astype(dtype)
+    v = rng.standard_normal((num_pages, ps, hkv, d)).astype(dtype)
+    dk, dv = cupy.asarray(k), cupy.asarray(v)
+    max_q = 1200
+    q = rng.standard_normal((max_q, hq, d)).astype(dtype)
+    dq = cupy.asarray(q)
+    wrapper = cpattn.BatchPrefillPaged(use_cuda_graph=True, max_batch_size=8,
+                                       max_num_pages=num_pages, max_total_q=max_q)
+    stream = cupy.cuda.Stream(non_blocking=True)
+
+    def plan(qo_lens, kv_lens):
+        pages = [-(-n // ps) for n in kv_lens]
+        kv_indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
+        kv_indices = rng.permutation(num_pages)[:kv_indptr[-1]].astype(np.int32)
+        qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+        kv_lens = np.asarray(kv_lens, np.int32)
+        wrapper.plan(qo_indptr, kv_indptr, kv_indices, None, hq, hkv, d, ps, kv_lens=kv_lens,
+                     causal=True, dtype=dtype, stream=stream)
+        return qo_indptr, kv_indptr, kv_indices, kv_lens
+
+    plan([17, 1], [100, 1])
+    args = (dq[:18], (dk, dv))
+    with stream:
+        wrapper.run(*args)  # warm-up: compile, allocate
+        stream.begin_capture()
+        wrapper.run(*args)
+        graph = stream.end_capture()
+    for qo_lens, kv_lens in (([17, 1], [100, 1]), ([577, 1, 0, 127], [2000, 9000, 50, 100]),
+                             ([1], [12000]), ([300, 300], [200, 400])):
+        qo_indptr, kv_indptr, kv_indices, kv_lens = plan(qo_lens, kv_lens)
+        graph.launch(stream)
+        stream.synchronize()
+        total = int(qo_indptr[-1])
+        ref_o, ref_lse = reference.paged_prefill(q[:total], k, v, qo_indptr, kv_indptr,
+                                                 kv_indices, kv_lens=kv_lens, causal=True)
+        out, lse = wrapper.fixed_outputs
+        assert_close(cupy.asnumpy(out[:total]), ref_o, dtype, "out")
+        assert_close(cupy.asnumpy(lse[:total]), ref_lse, A.FLOAT32, "lse")
+        assert np.isneginf(cupy.asnumpy(lse[total:])).all()
