@@ -40,6 +40,9 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
   constexpr int ROW_STEP = THREADS / 8;      // copy: 8 threads per key row, 9 chunks each
   constexpr int KEYS_PER_THREAD = TILE / ROW_STEP;
   static_assert(TILE % ROW_STEP == 0, "copy layout must tile the tile");
+  // Independent accumulator sets of S (see below): as many as the registers allow.
+  constexpr int ACC = M_TILES == 1 ? 4 : 2;
+  static_assert((ROW_CHUNKS / 2) % ACC == 0, "the 36 steps of S split evenly");
 
   if (blockIdx.x >= *p.num_items) return;  // fixed grids (CUDA graphs) may have spare CTAs
   const int item = blockIdx.x, head_block = blockIdx.y;
@@ -148,30 +151,48 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
     const uint4* kv = kv_tiles + (t % STAGES) * TILE * ROW_CHUNKS;
     const int first_key = kv_begin + t * TILE + warp_key0;  // within the request
 
-    // S = Q K^T: all rows x this warp's keys, over the 576 dims of [ckv | kpe].
-    float s[M_TILES][WARP_KEYS / 8][4];
+    // S = Q K^T: all rows x this warp's keys, over the 576 dims of [ckv | kpe]. The 36 steps
+    // of 16 dims go round-robin into ACC sets of accumulators, summed at the end: a single set
+    // would chain 36 dependent MMAs, and a few warps per SM cannot hide that latency.
+    float acc[ACC][M_TILES][WARP_KEYS / 8][4];
 #pragma unroll
-    for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-      for (int n = 0; n < WARP_KEYS / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
-#pragma unroll 4
-    for (int kk = 0; kk < ROW_CHUNKS / 2; ++kk) {
-      unsigned a[M_TILES][4];
+    for (int a = 0; a < ACC; ++a)
 #pragma unroll
       for (int mt = 0; mt < M_TILES; ++mt)
-        ldmatrix_x4(a[mt], q_tile + swizzle<ROW_CHUNKS>(mt * 16 + lane % 16, kk * 2 + lane / 16));
 #pragma unroll
-      for (int n = 0; n < WARP_KEYS / 16; ++n) {
-        unsigned bk[4];
-        const int key_row = warp_key0 + n * 16 + (lane / 16) * 8 + lane % 8;
-        ldmatrix_x4(bk, kv + swizzle<ROW_CHUNKS>(key_row, kk * 2 + (lane / 8) % 2));
+        for (int n = 0; n < WARP_KEYS / 8; ++n)
+          acc[a][mt][n][0] = acc[a][mt][n][1] = acc[a][mt][n][2] = acc[a][mt][n][3] = 0.f;
+#pragma unroll 2
+    for (int k0 = 0; k0 < ROW_CHUNKS / 2; k0 += ACC) {
 #pragma unroll
-        for (int mt = 0; mt < M_TILES; ++mt) {
-          mma_16816<T>(s[mt][2 * n], a[mt], bk[0], bk[1]);
-          mma_16816<T>(s[mt][2 * n + 1], a[mt], bk[2], bk[3]);
+      for (int a = 0; a < ACC; ++a) {
+        const int kk = k0 + a;
+        unsigned qa[M_TILES][4];
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt)
+          ldmatrix_x4(qa[mt], q_tile + swizzle<ROW_CHUNKS>(mt * 16 + lane % 16, kk * 2 + lane / 16));
+#pragma unroll
+        for (int n = 0; n < WARP_KEYS / 16; ++n) {
+          unsigned bk[4];
+          const int key_row = warp_key0 + n * 16 + (lane / 16) * 8 + lane % 8;
+          ldmatrix_x4(bk, kv + swizzle<ROW_CHUNKS>(key_row, kk * 2 + (lane / 8) % 2));
+#pragma unroll
+          for (int mt = 0; mt < M_TILES; ++mt) {
+            mma_16816<T>(acc[a][mt][2 * n], qa[mt], bk[0], bk[1]);
+            mma_16816<T>(acc[a][mt][2 * n + 1], qa[mt], bk[2], bk[3]);
+          }
         }
       }
     }
+    float (&s)[M_TILES][WARP_KEYS / 8][4] = acc[0];
+#pragma unroll
+    for (int a = 1; a < ACC; ++a)
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int n = 0; n < WARP_KEYS / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][n][e] += acc[a][mt][n][e];
 
     // Keys past the range, and (causal) past a row's diagonal, score -inf. Only tiles that cross
     // the range end or the diagonal of the CTA's first query test each score.
