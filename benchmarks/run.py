@@ -123,7 +123,8 @@ def main(argv=None) -> int:
             results.append(row)
             peers = ", ".join(f"{k} {v:.0f}" for k, v in row.get("peers", {}).items() if v)
             print(f"[{row['suite']} {i}/{len(cases)}] {row['case']}: {row['value']:.0f} "
-                  f"{row['unit']} ({row['pct_ceiling']:.0f}% of ceiling) err {row['rel_err']:.1e}"
+                  f"{row['unit']} ({row['pct_ceiling']:.0f}% of ceiling{', ' + row['also'] if 'also' in row else ''})"
+                  f" err {row['rel_err']:.1e}"
                   f"{'; ' + peers if peers else ''}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

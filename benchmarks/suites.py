@@ -270,4 +270,128 @@ def chunked(case, peers, time_ms, host_us, ceil):
     return row
 
 
-SUITES = {"decode": decode, "prefill": prefill, "ragged": ragged, "chunked": chunked}
+# ---- MLA ---------------------------------------------------------------------------------------
+
+def mla(case, peers, time_ms, host_us, ceil):
+    """Batch MLA over a paged latent cache: B requests of L tokens, qo_len queries each (causal).
+    TFLOP/s (2 * (576 + 512) per visible (query, head, key)) when heads >= 64, else GB/s of
+    ckv + kpe read; the other figure goes in ``also``."""
+    b, length, heads = case["batch"], case["kv_len"], case["heads"]
+    qo, ps = case.get("qo_len", 1), case.get("page_size", 64)
+    dtype = DTYPES[case.get("dtype", "bfloat16")]
+    ckv_dim, kpe_dim, scale = 512, 64, (128 + 64) ** -0.5
+    rng = cupy.random.default_rng(3)
+    pages_per = -(-length // ps)
+    num_pages = b * pages_per
+    ckv = _random((num_pages, ps, ckv_dim), dtype, rng)
+    kpe = _random((num_pages, ps, kpe_dim), dtype, rng)
+    q_nope = _random((b * qo, heads, ckv_dim), dtype, rng)
+    q_pe = _random((b * qo, heads, kpe_dim), dtype, rng)
+    kv_indices = np.random.default_rng(3).permutation(num_pages).astype(np.int32)
+    kv_indptr = (np.arange(b + 1) * pages_per).astype(np.int32)
+    qo_indptr = (np.arange(b + 1) * qo).astype(np.int32)
+    kv_lens = np.full(b, length, np.int32)
+    causal = qo > 1
+    wrapper = cpattn.BatchMLA()
+    plan = lambda: wrapper.plan(qo_indptr, kv_indptr, kv_indices, kv_lens, heads, ckv_dim,
+                                kpe_dim, ps, causal=causal, sm_scale=scale, dtype=dtype)
+    plan_us = host_us(plan, 20)
+    out = cupy.empty((b * qo, heads, ckv_dim), dtype)
+    run = lambda: wrapper.run(q_nope, q_pe, ckv, kpe, out=out)
+    ms, spread = time_ms(run)
+    pairs = b * (qo * length - (qo * (qo - 1) // 2 if causal else 0))  # visible (query, key)
+    flops = 2.0 * (ckv_dim + kpe_dim + ckv_dim) * heads * pairs
+    nbytes = b * length * (ckv_dim + kpe_dim) * np.dtype(dtype).itemsize
+    tflops, gbps = flops / ms / 1e9, nbytes / ms / 1e6
+    compute = heads >= 64
+    row = dict(case=f"B{b} L{length} H{heads} qo{qo} p{ps}", unit="TFLOP/s" if compute else "GB/s",
+               value=tflops if compute else gbps, ms=ms, spread_ms=spread, plan_us=plan_us,
+               run_us=host_us(run, 20),
+               also=f"{gbps:.0f} GB/s" if compute else f"{tflops:.0f} TFLOP/s")
+    row["pct_ceiling"] = 100 * (tflops / ceil["matmul_bf16_TFLOPs"] if compute
+                                else gbps / ceil["copy_GBps"])
+    # Sample check: request 0 (its last query) against the reference.
+    pages = kv_indices[:pages_per]
+    one = np.array([0, 1], np.int32)
+    ref, _ = reference.mla(cupy.asnumpy(q_nope[qo - 1:qo]), cupy.asnumpy(q_pe[qo - 1:qo]),
+                           cupy.asnumpy(ckv[pages]), cupy.asnumpy(kpe[pages]), one,
+                           np.array([0, pages_per], np.int32), np.arange(pages_per, dtype=np.int32),
+                           kv_lens=kv_lens[:1], sm_scale=scale)
+    row["rel_err"] = _rel_err(cupy.asnumpy(out[qo - 1:qo]), ref)
+    row["peers"] = {}
+    torch, fi = _torch(), _flashinfer()
+    if peers and torch is not None and fi is not None:
+        workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        peer = fi.mla.BatchMLAPagedAttentionWrapper(workspace)
+        dev = lambda x: torch.from_dlpack(cupy.asarray(x))
+        t = [torch.from_dlpack(x) for x in (q_nope, q_pe, ckv, kpe)]
+        peer.plan(dev(qo_indptr), dev(kv_indptr), dev(kv_indices), dev(kv_lens), heads, ckv_dim,
+                  kpe_dim, ps, causal, scale, t[0].dtype, t[0].dtype)
+        peer_ms, _ = time_ms(lambda: peer.run(*t))
+        row["peers"]["flashinfer"] = (flops if compute else nbytes * 1e3) / peer_ms / 1e9
+    return row
+
+
+# ---- cascade (shared prefix) ---------------------------------------------------------------------
+
+def cascade(case, peers, time_ms, host_us, ceil):
+    """B requests share a ``prefix`` of cached tokens and own ``unique`` more each; one new query
+    (decode) per request. Figure: K+V bytes a flat decode would read (the prefix once per
+    request) per second, so that cascade and flat compare on one scale; the flat BatchDecode
+    over the concatenated page tables is reported beside the peers."""
+    b, prefix, unique = case["batch"], case["prefix"], case["unique"]
+    hq, hkv, d, ps = case.get("qo_heads", 32), case.get("kv_heads", 8), case.get("head_dim", 128), \
+        case.get("page_size", 16)
+    dtype = DTYPES[case.get("dtype", "float16")]
+    rng = cupy.random.default_rng(4)
+    prefix_pages, own_pages = -(-prefix // ps), -(-unique // ps)
+    assert prefix % ps == 0, "the prefix fills whole pages (flat tables concatenate them)"
+    num_pages = prefix_pages + b * own_pages
+    k_pages = _random((num_pages, ps, hkv, d), dtype, rng)
+    v_pages = _random((num_pages, ps, hkv, d), dtype, rng)
+    q = _random((b, hq, d), dtype, rng)
+    order = np.random.default_rng(4).permutation(num_pages).astype(np.int32)
+    shared, own = order[:prefix_pages], order[prefix_pages:].reshape(b, own_pages)
+    i32 = lambda x: np.asarray(x, np.int32)
+    levels = ([i32([0, b]), i32(np.arange(b + 1))], [i32([0, prefix_pages]),
+              i32(np.arange(b + 1) * own_pages)], [shared, own.reshape(-1)],
+              [i32([prefix]), np.full(b, unique, np.int32)])
+    wrapper = cpattn.CascadeAttention(2)
+    plan = lambda: wrapper.plan(*levels, hq, hkv, d, ps, causal=True, dtype=dtype)
+    plan_us = host_us(plan, 10)
+    run = lambda: wrapper.run(q, (k_pages, v_pages))
+    ms, spread = time_ms(run)
+    out = run()
+    nbytes = 2 * b * (prefix + unique) * hkv * d * np.dtype(dtype).itemsize
+    row = dict(case=f"B{b} prefix {prefix} + {unique} own, {hq}/{hkv} hd{d} p{ps} decode",
+               unit="GB/s flat-equivalent", value=nbytes / ms / 1e6, ms=ms, spread_ms=spread,
+               plan_us=plan_us, run_us=host_us(run, 20))
+    row["pct_ceiling"] = 100 * row["value"] / ceil["copy_GBps"]
+    # Flat: every request's table is the prefix pages then its own.
+    flat_indices = np.concatenate([np.concatenate([shared, own[r]]) for r in range(b)])
+    flat_indptr = i32(np.arange(b + 1) * (prefix_pages + own_pages))
+    flat_lens = np.full(b, prefix + unique, np.int32)
+    flat = cpattn.BatchDecode()
+    flat.plan(flat_indptr, flat_indices, None, hq, hkv, d, ps, kv_lens=flat_lens, dtype=dtype)
+    flat_ms, _ = time_ms(lambda: flat.run(q, (k_pages, v_pages)))
+    row["also"] = f"cpattn flat BatchDecode {nbytes / flat_ms / 1e6:.0f} GB/s"
+    row["rel_err"] = _rel_err(cupy.asnumpy(out), cupy.asnumpy(flat.run(q, (k_pages, v_pages))))
+    row["peers"] = {}
+    torch, fi = _torch(), _flashinfer()
+    if peers and torch is not None and fi is not None:
+        workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        peer = fi.MultiLevelCascadeAttentionWrapper(2, workspace, "NHD")
+        dev = lambda x: torch.from_dlpack(cupy.asarray(x))
+        last = [i32([ps]), np.full(b, unique - (own_pages - 1) * ps, np.int32)]
+        peer.plan([dev(x) for x in levels[0]], [dev(x) for x in levels[1]],
+                  [dev(x) for x in levels[2]], [dev(x) for x in last], hq, hkv, d, ps,
+                  causal=True, q_data_type=torch.float16 if dtype == A.FLOAT16 else torch.bfloat16)
+        tq = torch.from_dlpack(q)
+        cache = (torch.from_dlpack(k_pages), torch.from_dlpack(v_pages))
+        peer_ms, _ = time_ms(lambda: peer.run(tq, cache))
+        row["peers"]["flashinfer cascade"] = nbytes / peer_ms / 1e6
+    return row
+
+
+SUITES = {"decode": decode, "prefill": prefill, "ragged": ragged, "chunked": chunked, "mla": mla,
+          "cascade": cascade}
