@@ -341,8 +341,10 @@ class Launcher:
         preload(cfg, dtype, head_dim)
         self.params = params
         self._pointers = params.reshape(1).view(np.uint64)[:5]  # q, k, v, o, lse: the first fields
+        self.num_kv_heads = num_kv_heads
+        # One grid dimension, item-major: the kernel takes (item, kv head) from blockIdx.x.
         self.launch = DirectLaunch(_attention_kernel(cfg, dtype, head_dim),
-                                   (grid_items, num_kv_heads), (cfg.threads,),
+                                   (grid_items * num_kv_heads,), (cfg.threads,),
                                    cfg.smem_bytes(head_dim), [params])
         self.kv_layout, self.paged = kv_layout, paged
         self._layout_of = None  # (strides of q, shape and strides of k, v) the strides were set for
@@ -363,7 +365,7 @@ class Launcher:
                       partial_o, partial_lse)
 
     def set_grid(self, grid_items: int) -> None:
-        self.launch.grid = (grid_items,) + self.launch.grid[1:]
+        self.launch.grid = (grid_items * self.num_kv_heads,) + self.launch.grid[1:]
 
     def __call__(self, q, k, v, out, lse, stream=None) -> None:
         params = self.params

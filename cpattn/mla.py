@@ -286,8 +286,9 @@ class BatchMLA:
             rows = limits["total_q"] if limits else total_q
             merge = self._merge_launch(partial_o, partial_lse, pointers["merge_indptr"], rows,
                                        dtype)
-        launch = _core.DirectLaunch(kernel, (grid, head_blocks), (cfg.threads,), cfg.smem_bytes(),
-                                    [params])
+        # One grid dimension, item-major: the kernel takes (item, head block) from blockIdx.x.
+        launch = _core.DirectLaunch(kernel, (grid * head_blocks,), (cfg.threads,),
+                                    cfg.smem_bytes(), [params])
         self._plan = dict(launch=launch, params=launch.args[0], heads=num_heads, dtype=dtype,
                           total_q=total_q, page_size=page_size, split=split, merge=merge,
                           max_page=int(kv_indices.max(initial=-1)), checked=None)

@@ -1,7 +1,9 @@
 // batch_attention: softmax(q k^T * sm_scale) v for a batch of requests over ragged or paged keys,
 // on tensor cores (mma.sync m16n8k16, fp32 accumulate). Prefill, chunked prefill and decode alike.
 //
-// Grid: x = work item of the plan (request, first query, key range), y = kv head.
+// Grid: one dimension, item * num_kv_heads + kv head, for each work item of the plan (request,
+// first query, key range) and kv head (one dimension: no 65535 limit on items; the CTAs of one
+// item's heads run side by side).
 // Block: WARPS_Q x WARPS_KV warps. A CTA owns ROWS = 16 * M_TILES * WARPS_Q packed rows: row r is query
 // q_start + r / group of its request, for query head kv_head * group + r % group, so each K/V tile
 // brought into shared memory serves the whole GQA group (decode: the group's heads are the rows).
@@ -115,8 +117,9 @@ batch_attention_kernel(const AttentionParams p) {
   static_assert(STAGES >= 2, "cp.async pipeline needs two stages at least");
   static_assert(M_TILES == 1 || WARPS_KV == 1, "warps split rows or keys, not both");
 
-  if (blockIdx.x >= *p.num_items) return;  // fixed grids (CUDA graphs) may have spare CTAs
-  const int item = blockIdx.x, kv_head = blockIdx.y;
+  const int num_kv_heads = p.num_qo_heads / p.group_size;
+  const int item = blockIdx.x / num_kv_heads, kv_head = blockIdx.x % num_kv_heads;
+  if (item >= *p.num_items) return;  // fixed grids (CUDA graphs) may have spare CTAs
   const int b = p.item_request[item], q_start = p.item_q_start[item];
   const int qo_begin = p.qo_indptr[b], qo_len = p.qo_indptr[b + 1] - qo_begin;
   const int kv_len = p.kv_lens[b];

@@ -4,9 +4,11 @@
 // Every head attends the same keys: key j is [ckv_j | kpe_j] (512 + 64 dims) and its value is
 // ckv_j. Scores are (q_nope . ckv + q_pe . kpe) * sm_scale.
 //
-// Grid: x = work item of the plan (request, first query, key range), y = block of `group` heads.
+// Grid: one dimension, item * head_blocks + head block, for each work item of the plan (request,
+// first query, key range) and block of `group` heads (one dimension: no 65535 limit on items;
+// the head blocks of one item run side by side and can share each key tile through L2).
 // Block: WARPS warps. A CTA owns ROWS = 16 * M_TILES packed (query, head) rows: row r is query
-// q_start + r / group of its request, for head blockIdx.y * group + r % group. Heads are the M
+// q_start + r / group of its request, for head head_block * group + r % group. Heads are the M
 // dimension of both products, so each key tile is read from memory once for all of them.
 // Tiles of TILE keys (rows of 72 16-byte chunks: 64 of ckv, 8 of kpe) stream through STAGES
 // shared-memory buffers with cp.async; keys past the item's range are zero-filled (the ckv chunk
@@ -44,8 +46,9 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
   constexpr int ACC = M_TILES == 1 ? 4 : 2;
   static_assert((ROW_CHUNKS / 2) % ACC == 0, "the 36 steps of S split evenly");
 
-  if (blockIdx.x >= *p.num_items) return;  // fixed grids (CUDA graphs) may have spare CTAs
-  const int item = blockIdx.x, head_block = blockIdx.y;
+  const int head_blocks = p.num_heads / p.group_size;
+  const int item = blockIdx.x / head_blocks, head_block = blockIdx.x % head_blocks;
+  if (item >= *p.num_items) return;  // fixed grids (CUDA graphs) may have spare CTAs
   const int b = p.item_request[item], q_start = p.item_q_start[item];
   const int qo_begin = p.qo_indptr[b], qo_len = p.qo_indptr[b + 1] - qo_begin;
   const int kv_len = p.kv_lens[b];
