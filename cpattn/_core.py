@@ -155,6 +155,43 @@ def split_prefill(qo_lens, kv_lens, queries_per_item: int, causal: bool, num_kv_
     return work if work.split else None
 
 
+class SplitMerge:
+    """Split-KV partial states ``[states, heads, head_dim]`` fp32 and the merge of them into the
+    outputs, kept across a wrapper's plans: the buffers grow as needed, the merge launch is
+    rebuilt only when they or its row count change (only its indptr follows the plan buffer).
+    With ``fixed`` (CUDA-graph mode) the first buffers must serve every plan: their addresses are
+    captured."""
+
+    def __init__(self, wrapper: str, fixed: bool):
+        self.wrapper, self.fixed = wrapper, fixed
+        self.buffers = None
+        self._merge = self._key = None
+
+    def partials(self, states: int, heads: int, head_dim: int, stream=None):
+        """The buffers, grown to ``states`` rows on the plan's ``stream`` (the one its runs
+        use: buffers replaced here go back to that stream's pool, behind its last run)."""
+        import cupy
+        have = self.buffers
+        if have is None or have[0].shape[0] < states or have[0].shape[1:] != (heads, head_dim):
+            if have is not None and self.fixed:
+                raise ValueError(f"a CUDA-graph {self.wrapper} keeps the heads and head_dim of "
+                                 "its first plan")
+            states = max(states, 1)
+            with stream or cupy.cuda.get_current_stream():
+                self.buffers = (cupy.empty((states, heads, head_dim), np.float32),
+                                cupy.empty((states, heads), np.float32))
+        return self.buffers
+
+    def merge(self, indptr_ptr: int, rows: int, dtype):
+        from .merge import VarlenMerge
+        key = (id(self.buffers[0]), rows, dtype)
+        if self._key != key:
+            self._merge = VarlenMerge(*self.buffers, 1, indptr_ptr, rows, dtype)
+            self._key = key
+        self._merge.set_indptr(indptr_ptr)
+        return self._merge
+
+
 _RETIRED: list = []  # (copy event, pinned block) of plan buffers dropped before their copy ran
 
 
@@ -265,6 +302,40 @@ def kv_strides(pool, kv_layout: str, paged: bool) -> tuple[int, int, int]:
     return (s[0], s[1], s[2]) if kv_layout == "NHD" else (s[0], s[2], s[1])
 
 
+def run_outputs(q, q_name: str, shape: tuple, dims: str, out, return_lse: bool, need_lse: bool,
+                scratch: list):
+    """(out, lse) a run() writes: ``out`` checked (dtype of q, ``shape``, C-contiguous) or
+    allocated; lse ``shape[:2]`` fp32 when asked for, else, when the launch must write one
+    anyway (``need_lse``: split-KV merges do), a reused scratch array kept in ``scratch`` (a
+    one-element list the wrapper owns), else None."""
+    import cupy
+    if out is None:
+        out = cupy.empty(shape, q.dtype)
+    else:
+        A.check_same_dtype(out, "out", q, q_name)
+        A.check_shape(out, "out", shape, dims)
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous")
+        A.check_vector_aligned(out, "out", 4)
+    if return_lse:
+        return out, cupy.empty(shape[:2], np.float32)
+    if not need_lse:
+        return out, None
+    have = scratch[0] if scratch else None
+    if have is None or have.shape[0] < shape[0] or have.shape[1] != shape[1]:
+        have = cupy.empty(shape[:2], np.float32)
+        scratch[:] = [have]
+    return out, have[:shape[0]]
+
+
+def fixed_outputs(outputs, out, wrapper: str):
+    """CUDA-graph mode: the wrapper's own (out, lse) buffers; a caller's out= is refused."""
+    if out is not None:
+        raise ValueError(f"a CUDA-graph {wrapper} writes its own fixed output buffer; out= is "
+                         "not accepted")
+    return outputs
+
+
 _SMEM_SET: set = set()
 _SMEM_LIMITS: dict = {}
 
@@ -350,14 +421,17 @@ class Launcher:
         self._layout_of = None  # (strides of q, shape and strides of k, v) the strides were set for
         self.merge = None  # split-KV: (VarlenMerge, partial buffers) set by set_split()
 
-    def set_split(self, work, num_qo_heads: int, head_dim: int, indptr_ptr: int, dtype) -> None:
+    def set_split(self, work, num_qo_heads: int, head_dim: int, indptr_ptr: int, dtype,
+                  stream=None) -> None:
         """Write fp32 partial states per the split ``work`` (a planner.TiledWork whose arrays
-        were uploaded with the plan) and merge them into the outputs after each launch."""
+        were uploaded with the plan) and merge them into the outputs after each launch. The
+        partials are allocated on the plan's ``stream``, the one its runs use."""
         import cupy
         from .merge import VarlenMerge
         states = max(work.num_states, 1)
-        partial_o = cupy.empty((states, num_qo_heads, head_dim), np.float32)
-        partial_lse = cupy.empty((states, num_qo_heads), np.float32)
+        with stream or cupy.cuda.get_current_stream():
+            partial_o = cupy.empty((states, num_qo_heads, head_dim), np.float32)
+            partial_lse = cupy.empty((states, num_qo_heads), np.float32)
         self.params["partial_o"], self.params["partial_lse"] = (partial_o.data.ptr,
                                                                 partial_lse.data.ptr)
         rows = work.merge_indptr.shape[0] - 1
@@ -380,9 +454,10 @@ class Launcher:
                 params[prefix + "_stride_head"] = head
             self._layout_of = layout
         if self.merge is not None:  # the kernel writes partial states; the merge, out and lse
-            if lse is None:
+            if lse is None:  # (allocated on the launch stream: freed behind the merge)
                 import cupy
-                lse = cupy.empty(out.shape[:2], np.float32)
+                with stream or cupy.cuda.get_current_stream():
+                    lse = cupy.empty(out.shape[:2], np.float32)
             self._pointers[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, 0)
             self.launch(stream)
             self.merge[0](out, lse, stream)
@@ -390,6 +465,14 @@ class Launcher:
         self._pointers[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr,
                              0 if lse is None else lse.data.ptr)
         self.launch(stream)
+
+
+def check_graph_pages(pool_pages, kv_indices) -> None:
+    """CUDA-graph mode: a replay skips run()'s checks, so plan() checks the page ids against
+    the pools the first run saw (``pool_pages``; None before it, when run() checks them)."""
+    if pool_pages is not None and kv_indices.size and int(kv_indices.max()) >= pool_pages:
+        raise ValueError(f"kv_indices refers to page {int(kv_indices.max())} but the pools this "
+                         f"CUDA-graph wrapper runs on have {pool_pages} pages")
 
 
 class GraphPrefill:
@@ -411,6 +494,7 @@ class GraphPrefill:
         self.max_total_q, self.max_items = max_total_q, max_items
         self.key = None
         self.buffer = self.launch = self.outputs = None
+        self.pool_pages = None  # pages of the pools the first run saw
         self.items = self.states = 0
 
     def setup(self, key, cfg: _tiles.TileConfig, dtype, head_dim: int, num_qo_heads: int,
@@ -422,7 +506,6 @@ class GraphPrefill:
                                  "logits_soft_cap) of its first plan; make a new one")
             return
         import cupy
-        from .merge import VarlenMerge
         per_item = cfg.rows // (num_qo_heads // num_kv_heads)
         slots = num_sms() * ctas_per_sm(cfg, head_dim)
         tiles = self.max_batch_size + self.max_total_q // per_item  # query tiles, at most
@@ -439,11 +522,10 @@ class GraphPrefill:
         params = np.zeros((), PARAMS_DTYPE)
         self.launch = Launcher(params, cfg, dtype, head_dim, items, num_kv_heads, kv_layout,
                                paged=True)
-        partial_o = cupy.empty((self.states, num_qo_heads, head_dim), np.float32)
-        partial_lse = cupy.empty((self.states, num_qo_heads), np.float32)
+        split = SplitMerge("BatchPrefillPaged", fixed=True)
+        partial_o, partial_lse = split.partials(self.states, num_qo_heads, head_dim)
         params["partial_o"], params["partial_lse"] = partial_o.data.ptr, partial_lse.data.ptr
-        merge = VarlenMerge(partial_o, partial_lse, 1, 0, self.max_total_q, dtype)
-        self.launch.merge = (merge, partial_o, partial_lse)
+        self.launch.merge = (split.merge(0, self.max_total_q, dtype), partial_o, partial_lse)
         self.outputs = (cupy.empty((self.max_total_q, num_qo_heads, head_dim), dtype),
                         cupy.empty((self.max_total_q, num_qo_heads), np.float32))
         self.key = key

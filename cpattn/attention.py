@@ -134,9 +134,10 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
             raise ValueError("a CUDA-graph BatchPrefillPaged takes no custom mask (its size and "
                              "address change from plan to plan)")
         cfg = _core.choose_tiles(head_dim, group, 1 << 30)  # the prefill tiles serve any length
+        graph.check(len(qo_lens), int(qo_indptr[-1]), len(pages[0]))  # before setup fixes anything
+        _core.check_graph_pages(graph.pool_pages, pages[0])
         graph.setup((cfg, q_dtype, head_dim, num_qo_heads, num_kv_heads, kv_layout, options,
                      pages[2]), cfg, q_dtype, head_dim, num_qo_heads, num_kv_heads, kv_layout)
-        graph.check(len(qo_lens), int(qo_indptr[-1]), len(pages[0]))
         buffer = graph.buffer
     else:
         cfg = _core.choose_tiles(head_dim, group, int(qo_lens.max(initial=0)))
@@ -201,7 +202,8 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
         launch = _core.Launcher(params, cfg, q_dtype, head_dim, len(request), num_kv_heads,
                                 kv_layout, paged=pages is not None)
         if split is not None:
-            launch.set_split(split, num_qo_heads, head_dim, pointers["merge_indptr"], q_dtype)
+            launch.set_split(split, num_qo_heads, head_dim, pointers["merge_indptr"], q_dtype,
+                             stream)
     # The plan holds its buffer: a caller's temporary one must outlive the launches that read it.
     return dict(launch=launch, total_q=int(qo_indptr[-1]), total_kv=int(kv_indptr[-1]),
                 heads=(num_qo_heads, num_kv_heads), head_dim=head_dim, dtype=q_dtype,
@@ -232,10 +234,13 @@ def single_prefill(q, k, v, *, causal=False, sm_scale=None, window_left=-1, logi
                          f"or its flattened form; got {tuple(custom_mask.shape)}")
     qo_indptr = np.array([0, q.shape[0]], np.int32)
     kv_indptr = np.array([0, kv_len], np.int32)
-    plan = plan_ragged(_core.PlanBuffer(), qo_indptr, kv_indptr, hq, hkv, d, options,
-                       (custom_mask, None, None), q.dtype, kv_layout, stream)
-    out, lse = _outputs(q, None, return_lse)
-    plan["launch"](q, k, v, out, lse, stream)
+    import cupy
+    # Every temporary (plan buffer, split partials) on the launch stream: freed behind its use.
+    with stream or cupy.cuda.get_current_stream():
+        plan = plan_ragged(_core.PlanBuffer(), qo_indptr, kv_indptr, hq, hkv, d, options,
+                           (custom_mask, None, None), q.dtype, kv_layout, stream)
+        out, lse = _outputs(q, None, return_lse)
+        plan["launch"](q, k, v, out, lse, stream)
     return (out, lse) if return_lse else out
 
 
@@ -271,12 +276,16 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, sm_sc
         return _host_result(o, lse, q.dtype, return_lse)
     q, k, v = arrs.values()
     hq, hkv, d = _check_qkv(q, k, v, "NHD")
-    wrapper = BatchPrefillRagged()
-    wrapper.plan(cu_seqlens_q, cu_seqlens_k, hq, hkv, d, causal=causal, custom_mask=custom_mask,
-                 packed_custom_mask=packed_custom_mask, mask_indptr=mask_indptr,
-                 window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
-                 dtype=q.dtype, stream=stream)
-    return wrapper.run(q, k, v, return_lse=return_lse, stream=stream)
+    import cupy
+    # Every temporary (plan buffer, split partials) on the launch stream: freed behind its use.
+    with stream or cupy.cuda.get_current_stream():
+        wrapper = BatchPrefillRagged()
+        wrapper.plan(cu_seqlens_q, cu_seqlens_k, hq, hkv, d, causal=causal,
+                     custom_mask=custom_mask, packed_custom_mask=packed_custom_mask,
+                     mask_indptr=mask_indptr, window_left=window_left,
+                     logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, dtype=q.dtype,
+                     stream=stream)
+        return wrapper.run(q, k, v, return_lse=return_lse, stream=stream)
 
 
 def _host_result(o, lse, dtype, return_lse):
@@ -285,17 +294,7 @@ def _host_result(o, lse, dtype, return_lse):
 
 
 def _outputs(q, out, return_lse):
-    import cupy
-    if out is None:
-        out = cupy.empty(q.shape, q.dtype)
-    else:
-        A.check_same_dtype(out, "out", q, "q")
-        A.check_shape(out, "out", tuple(q.shape), "the shape of q")
-        if not out.flags.c_contiguous:
-            raise ValueError("out must be C-contiguous")
-        A.check_vector_aligned(out, "out", 4)
-    lse = cupy.empty(q.shape[:2], np.float32) if return_lse else None
-    return out, lse
+    return _core.run_outputs(q, "q", tuple(q.shape), "the shape of q", out, return_lse, False, [])
 
 
 def _host_indptr(indptr, name: str) -> np.ndarray:

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _arrays as A
 from .attention import _host_indptr
 from .merge import merge_state
 from .paged_prefill import BatchPrefillPaged
-from .planner import positive_int
+from .planner import host_index, positive_int
 
 __all__ = ["CascadeAttention"]
 
@@ -66,7 +65,7 @@ class CascadeAttention:
             total_q = end
         if causal:  # the last level's requests must hold their own queries
             qo_lens = np.diff(_host_indptr(qo_indptr_arr[-1], "qo_indptr_arr[-1]"))
-            kv_lens = np.asarray(A.intake(kv_lens_arr[-1], "kv_lens_arr[-1]"))
+            kv_lens = host_index(kv_lens_arr[-1], "kv_lens_arr[-1]")
             short = np.flatnonzero(kv_lens < qo_lens) if kv_lens.shape == qo_lens.shape else []
             if len(short):
                 b = int(short[0])
@@ -75,11 +74,14 @@ class CascadeAttention:
                                  "its queries must be among its own (last-level) tokens")
         last = self.num_levels - 1
         for level, wrapper in enumerate(self._levels):
-            wrapper.plan(qo_indptr_arr[level], kv_indptr_arr[level], kv_indices_arr[level], None,
-                         num_qo_heads, num_kv_heads, head_dim, page_size,
-                         kv_lens=kv_lens_arr[level], causal=bool(causal) and level == last,
-                         sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, dtype=dtype,
-                         kv_layout=kv_layout, stream=stream)
+            try:
+                wrapper.plan(qo_indptr_arr[level], kv_indptr_arr[level], kv_indices_arr[level],
+                             None, num_qo_heads, num_kv_heads, head_dim, page_size,
+                             kv_lens=kv_lens_arr[level], causal=bool(causal) and level == last,
+                             sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, dtype=dtype,
+                             kv_layout=kv_layout, stream=stream)
+            except (ValueError, TypeError, NotImplementedError) as error:
+                raise type(error)(f"level {level}: {error}") from error
         self._planned = True
 
     def run(self, q, kv, *, return_lse=False, stream=None):

@@ -16,7 +16,6 @@ from . import _arrays as A
 from . import _core, planner
 from ._core import Options
 from .attention import _check_layout, attention_dtype
-from .merge import VarlenMerge
 
 @dataclass(frozen=True)
 class GraphLimits:
@@ -43,14 +42,13 @@ class BatchDecode:
 
     def __init__(self, *, use_cuda_graph=False, max_batch_size=None, max_num_pages=None,
                  max_items=0):
-        self._num_sms = None  # read from the device on first use
         self._limits = None
         capacities = None
         if use_cuda_graph:
             if not max_batch_size or not max_num_pages:
                 raise ValueError("use_cuda_graph=True needs max_batch_size and max_num_pages: "
                                  "the buffers a captured graph uses are sized once")
-            items = max_items or max(2 * self._sms(), max_batch_size)
+            items = max_items or max(2 * _core.num_sms(), max_batch_size)
             self._limits = GraphLimits(max_batch_size, max_num_pages, items)
             capacities = dict(num_items=1, item_request=items, item_q_start=items,
                               item_kv_start=items, item_kv_end=items, qo_indptr=max_batch_size + 1,
@@ -59,12 +57,12 @@ class BatchDecode:
                               item_state=items, item_state_stride=items)
         self._buffer = _core.PlanBuffer(capacities)
         self._plan = None
-        self._partials = None  # (partial_o, partial_lse), grown as needed (fixed with graphs)
+        self._split = _core.SplitMerge("BatchDecode", fixed=use_cuda_graph)
         self._outputs = None   # graph mode: (out, lse) of max_batch_size rows
-        self._scratch_lse = None  # the split path's lse when run() is not asked for one
+        self._scratch_lse = []  # the split path's lse when run() is not asked for one
         self._launch = self._launch_key = None
         self._graph_key = None  # graph mode: what the first plan fixed
-        self._merge_launch = self._merge_key = None
+        self._pool_pages = None  # graph mode: pages of the pools the first run saw
 
     def plan(self, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
              page_size, *, kv_lens=None, window_left=-1,
@@ -83,7 +81,7 @@ class BatchDecode:
         batch = len(kv_lens)
         cfg = _core.choose_tiles(head_dim, group, 1)
         limits = self._limits
-        work = planner.partition_decode(kv_lens, num_kv_heads, num_sms=self._sms(),
+        work = planner.partition_decode(kv_lens, num_kv_heads, num_sms=_core.num_sms(),
                                         ctas_per_sm=_core.ctas_per_sm(cfg, head_dim),
                                         tile=cfg.tile, max_items=limits.max_items if limits else None,
                                         balance_waves=True)
@@ -93,6 +91,7 @@ class BatchDecode:
             if batch > limits.max_batch_size:
                 raise ValueError(f"batch {batch} is over max_batch_size={limits.max_batch_size}")
             merge_indptr = np.pad(merge_indptr, (0, limits.max_batch_size - batch), mode="edge")
+            _core.check_graph_pages(self._pool_pages, kv_indices)
         arrays = dict(num_items=np.array([work.num_items], np.int32), item_request=work.request,
                       item_q_start=np.zeros(work.num_items, np.int32), item_kv_start=work.kv_start,
                       item_kv_end=work.kv_end, qo_indptr=np.arange(batch + 1, dtype=np.int32),
@@ -117,20 +116,14 @@ class BatchDecode:
         params["partial_o"] = params["partial_lse"] = 0
         merge = None
         if split:
-            partial_o, partial_lse = self._partial_buffers(grid, num_qo_heads, head_dim)
+            partial_o, partial_lse = self._split.partials(grid, num_qo_heads, head_dim, stream)
             params["partial_o"], params["partial_lse"] = partial_o.data.ptr, partial_lse.data.ptr
             rows = limits.max_batch_size if limits else batch
-            merge = self._merge(partial_o, partial_lse, pointers["merge_indptr"], rows, dtype)
+            merge = self._split.merge(pointers["merge_indptr"], rows, dtype)
         self._plan = dict(launch=launch, heads=(num_qo_heads, num_kv_heads), head_dim=head_dim,
                           dtype=dtype, batch=batch, page_size=page_size, kv_layout=kv_layout,
                           split=split, merge=merge, max_page=int(kv_indices.max(initial=-1)),
                           checked=None)
-
-    def _sms(self) -> int:
-        if self._num_sms is None:
-            import cupy
-            self._num_sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
-        return self._num_sms
 
     @property
     def fixed_outputs(self):
@@ -163,25 +156,6 @@ class BatchDecode:
             self._launch_key = key
         return self._launch
 
-    def _merge(self, partial_o, partial_lse, indptr_ptr, rows, dtype):
-        """The split-KV merge of this shape, kept across plans (only its indptr may move)."""
-        key = (id(partial_o), rows, dtype)
-        if self._merge_key != key:
-            self._merge_launch = VarlenMerge(partial_o, partial_lse, 1, indptr_ptr, rows, dtype)
-            self._merge_key = key
-        self._merge_launch.set_indptr(indptr_ptr)
-        return self._merge_launch
-
-    def _partial_buffers(self, rows, heads, head_dim):
-        import cupy
-        have = self._partials
-        if have is None or have[0].shape[0] < rows or have[0].shape[1:] != (heads, head_dim):
-            if have is not None and self._limits is not None:
-                raise ValueError("a CUDA-graph BatchDecode keeps one num_qo_heads and head_dim")
-            self._partials = (cupy.empty((rows, heads, head_dim), np.float32),
-                              cupy.empty((rows, heads), np.float32))
-        return self._partials
-
     def run(self, q, kv, *, return_lse=False, out=None, stream=None):
         plan = self._plan
         if plan is None:
@@ -190,7 +164,14 @@ class BatchDecode:
                                                       "paged_decode", plan["kv_layout"])
         _core.check_paged_run(self._plan, q, k_pages, v_pages, plan["batch"],
                               "[batch, num_qo_heads, head_dim]")
-        out, lse = self._run_outputs(q, out, return_lse)
+        if self._limits is not None and self._pool_pages is None:
+            self._pool_pages = k_pages.shape[0]  # later plans check their page ids against it
+        if self._limits is not None:
+            out, lse = _core.fixed_outputs(self._outputs, out, "BatchDecode")
+        else:
+            out, lse = _core.run_outputs(q, "q", (plan["batch"],) + tuple(q.shape[1:]),
+                                         "[batch, num_qo_heads, head_dim]", out, return_lse,
+                                         plan["split"], self._scratch_lse)
         if plan["split"]:
             # The kernel writes fp32 partial states (params.partial_o is set); merge them.
             plan["launch"](q, k_pages, v_pages, out, None, stream)
@@ -200,31 +181,3 @@ class BatchDecode:
         if self._limits is not None:
             out, lse = out[:plan["batch"]], lse[:plan["batch"]]
         return (out, lse) if return_lse else out
-
-    def _run_outputs(self, q, out, return_lse):
-        import cupy
-        plan = self._plan
-        shape = (plan["batch"],) + tuple(q.shape[1:])
-        if self._limits is not None:
-            if out is not None:
-                raise ValueError("a CUDA-graph BatchDecode writes its own fixed output buffer; "
-                                 "out= is not accepted")
-            return self._outputs  # allocated by the first plan()
-        if out is None:
-            out = cupy.empty(shape, q.dtype)
-        else:
-            A.check_same_dtype(out, "out", q, "q")
-            A.check_shape(out, "out", shape, "[batch, num_qo_heads, head_dim]")
-            if not out.flags.c_contiguous:
-                raise ValueError("out must be C-contiguous")
-            A.check_vector_aligned(out, "out", 4)
-        if return_lse:
-            lse = cupy.empty(shape[:2], np.float32)
-        elif plan["split"]:  # the merge writes an lse even when nobody asked for it
-            if self._scratch_lse is None or self._scratch_lse.shape[0] < shape[0] or \
-                    self._scratch_lse.shape[1] != shape[1]:
-                self._scratch_lse = cupy.empty(shape[:2], np.float32)
-            lse = self._scratch_lse[:shape[0]]
-        else:
-            lse = None
-        return out, lse

@@ -20,7 +20,6 @@ import numpy as np
 from . import _arrays as A
 from . import _core, _kernels, _tiles, planner
 from .attention import _host_indptr, attention_dtype
-from .merge import VarlenMerge
 from .paged import SequencePages, _PageTables, _cache_dtype, _default_device, _write
 from .planner import positive_int
 
@@ -190,7 +189,6 @@ class BatchMLA:
 
     def __init__(self, *, use_cuda_graph=False, max_batch_size=None, max_num_pages=None,
                  max_total_q=None, max_items=0):
-        self._num_sms = None
         self._limits = None
         capacities = None
         if use_cuda_graph:
@@ -198,7 +196,7 @@ class BatchMLA:
                 raise ValueError("use_cuda_graph=True needs max_batch_size and max_num_pages: "
                                  "the buffers a captured graph uses are sized once")
             total_q = max_total_q or max_batch_size
-            items = max_items or max(2 * self._sms(), total_q)
+            items = max_items or max(2 * _core.num_sms(), total_q)
             self._limits = dict(batch=max_batch_size, pages=max_num_pages, total_q=total_q,
                                 items=items)
             capacities = dict(num_items=1, qo_indptr=max_batch_size + 1,
@@ -210,16 +208,10 @@ class BatchMLA:
         self._buffer = _core.PlanBuffer(capacities)
         self._plan = None
         self._fixed = None     # graph mode: (tiles, group, heads, dtype, causal, scale, page_size)
-        self._partials = None  # (partial_o, partial_lse), grown as needed (fixed with graphs)
+        self._split = _core.SplitMerge("BatchMLA", fixed=use_cuda_graph)
         self._outputs = None   # graph mode: (out, lse) of max_total_q rows
-        self._scratch_lse = None
-        self._merge = self._merge_key = None
-
-    def _sms(self) -> int:
-        if self._num_sms is None:
-            import cupy
-            self._num_sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
-        return self._num_sms
+        self._pool_pages = None  # graph mode: pages of the pools the first run saw
+        self._scratch_lse = []  # the split path's lse when run() is not asked for one
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, kv_lens, num_heads, head_dim_ckv,
              head_dim_kpe, page_size, *, causal=False, sm_scale, dtype="bfloat16", stream=None):
@@ -243,19 +235,21 @@ class BatchMLA:
         batch, total_q = len(kv_lens), int(qo_indptr[-1])
         cfg, group = choose_tiles(num_heads, int(qo_lens.max(initial=0)))
         limits = self._limits
-        if limits is not None:
+        if limits is not None:  # checked before the first plan fixes anything
+            for what, have, most, name in (
+                    ("batch", batch, limits["batch"], "max_batch_size"),
+                    ("qo_indptr[-1]", total_q, limits["total_q"], "max_total_q"),
+                    ("kv_indptr[-1]", len(kv_indices), limits["pages"], "max_num_pages")):
+                if have > most:
+                    raise ValueError(f"{what}={have} is over {name}={most} of this CUDA-graph "
+                                     "BatchMLA")
+            _core.check_graph_pages(self._pool_pages, kv_indices)
             cfg, group = self._graph_tiles(cfg, group, num_heads, dtype, causal, sm_scale,
                                            page_size)
-            for what, have, most in (("batch", batch, limits["batch"]),
-                                     ("qo_indptr[-1]", total_q, limits["total_q"]),
-                                     ("kv_indptr[-1]", len(kv_indices), limits["pages"])):
-                if have > most:
-                    raise ValueError(f"{what}={have} is over the maximum this CUDA-graph "
-                                     f"BatchMLA was built for ({most})")
         head_blocks = num_heads // group
         per_item = cfg.rows // group
         work = planner.partition_tiles(qo_lens, kv_lens, per_item, causal, head_blocks,
-                                       num_sms=self._sms(), ctas_per_sm=1, tile=cfg.tile,
+                                       num_sms=_core.num_sms(), ctas_per_sm=1, tile=cfg.tile,
                                        max_items=limits["items"] if limits else None)
         split = work.split or limits is not None
         merge_indptr = work.merge_indptr
@@ -281,11 +275,10 @@ class BatchMLA:
         merge = None
         if split:
             states = limits["items"] * per_item if limits else work.num_states
-            partial_o, partial_lse = self._partial_buffers(states, num_heads)
+            partial_o, partial_lse = self._split.partials(states, num_heads, CKV_DIM, stream)
             params["partial_o"], params["partial_lse"] = partial_o.data.ptr, partial_lse.data.ptr
             rows = limits["total_q"] if limits else total_q
-            merge = self._merge_launch(partial_o, partial_lse, pointers["merge_indptr"], rows,
-                                       dtype)
+            merge = self._split.merge(pointers["merge_indptr"], rows, dtype)
         # One grid dimension, item-major: the kernel takes (item, head block) from blockIdx.x.
         launch = _core.DirectLaunch(kernel, (grid * head_blocks,), (cfg.threads,),
                                     cfg.smem_bytes(), [params])
@@ -294,8 +287,8 @@ class BatchMLA:
                           max_page=int(kv_indices.max(initial=-1)), checked=None)
 
     def _graph_tiles(self, cfg, group, num_heads, dtype, causal, sm_scale, page_size):
-        """Graph mode: the first plan fixes tiles and launch arguments; later plans keep them
-        (the 32-row tiles serve every plan; 16-row ones only plans that fit them)."""
+        """Graph mode: the first plan fixes the tiles and launch arguments; later plans keep
+        them (16-row tiles hold fewer queries per item but serve any query length)."""
         if self._fixed is None:
             if self._outputs is None:  # allocated here, never inside a capture
                 import cupy
@@ -304,33 +297,10 @@ class BatchMLA:
                                  cupy.empty((rows, num_heads), np.float32))
             self._fixed = (cfg, group, num_heads, dtype, bool(causal), float(sm_scale), page_size)
             return cfg, group
-        fixed_cfg, fixed_group = self._fixed[:2]
         if self._fixed[2:] != (num_heads, dtype, bool(causal), float(sm_scale), page_size):
             raise ValueError("a CUDA-graph BatchMLA keeps the num_heads, dtype, causal, sm_scale "
                              "and page_size of its first plan; make a new BatchMLA")
-        if fixed_cfg.rows < cfg.rows:
-            raise ValueError(f"this CUDA-graph BatchMLA was first planned with {fixed_cfg.rows} "
-                             f"(query, head) rows per CTA and now needs {cfg.rows} (longer "
-                             "queries); plan the longest query length first")
-        return fixed_cfg, fixed_group
-
-    def _partial_buffers(self, states, heads):
-        import cupy
-        have = self._partials
-        if have is None or have[0].shape[0] < states or have[0].shape[1] != heads:
-            if have is not None and self._limits is not None:
-                raise ValueError("a CUDA-graph BatchMLA keeps one num_heads")
-            self._partials = (cupy.empty((max(states, 1), heads, CKV_DIM), np.float32),
-                              cupy.empty((max(states, 1), heads), np.float32))
-        return self._partials
-
-    def _merge_launch(self, partial_o, partial_lse, indptr_ptr, rows, dtype):
-        key = (id(partial_o), rows, dtype)
-        if self._merge_key != key:
-            self._merge = VarlenMerge(partial_o, partial_lse, 1, indptr_ptr, rows, dtype)
-            self._merge_key = key
-        self._merge.set_indptr(indptr_ptr)
-        return self._merge
+        return self._fixed[:2]
 
     @property
     def fixed_outputs(self):
@@ -356,7 +326,12 @@ class BatchMLA:
                             "path")
         q_nope, q_pe, ckv_cache, kpe_cache, out = arrs.values()
         self._check_run(q_nope, q_pe, ckv_cache, kpe_cache)
-        out, lse = self._run_outputs(q_nope, out, return_lse)
+        if self._limits is not None:
+            out, lse = _core.fixed_outputs(self._outputs, out, "BatchMLA")
+        else:
+            out, lse = _core.run_outputs(q_nope, "q_nope", (plan["total_q"], plan["heads"], CKV_DIM),
+                                         "[qo_indptr[-1], num_heads, 512]", out, return_lse,
+                                         plan["split"], self._scratch_lse)
         params = plan["params"]
         params["q_nope"], params["q_pe"] = q_nope.data.ptr, q_pe.data.ptr
         params["ckv"], params["kpe"] = ckv_cache.data.ptr, kpe_cache.data.ptr
@@ -398,34 +373,11 @@ class BatchMLA:
                 s = A.element_strides(x)
                 params[prefix + "_stride_page"], params[prefix + "_stride_slot"] = s[0], s[1]
             plan["checked"] = seen
-        elif (q_nope.data.ptr | q_pe.data.ptr | ckv_cache.data.ptr | kpe_cache.data.ptr) & 15:
-            raise ValueError("q_nope, q_pe, ckv_cache and kpe_cache must be 16-byte aligned")
-
-    def _run_outputs(self, q_nope, out, return_lse):
-        import cupy
-        plan = self._plan
-        shape = (plan["total_q"], plan["heads"], CKV_DIM)
-        if self._limits is not None:
-            if out is not None:
-                raise ValueError("a CUDA-graph BatchMLA writes its own fixed output buffer; "
-                                 "out= is not accepted")
-            return self._outputs
-        if out is None:
-            out = cupy.empty(shape, q_nope.dtype)
         else:
-            A.check_same_dtype(out, "out", q_nope, "q_nope")
-            A.check_shape(out, "out", shape, "[qo_indptr[-1], num_heads, 512]")
-            if not out.flags.c_contiguous:
-                raise ValueError("out must be C-contiguous")
-            A.check_vector_aligned(out, "out", 4)
-        if return_lse:
-            lse = cupy.empty(shape[:2], np.float32)
-        elif plan["split"]:  # the merge writes an lse even when nobody asked for it
-            if self._scratch_lse is None or self._scratch_lse.shape[0] < shape[0] or \
-                    self._scratch_lse.shape[1] != shape[1]:
-                self._scratch_lse = cupy.empty(shape[:2], np.float32)
-            lse = self._scratch_lse[:shape[0]]
-        else:
-            lse = None
-        return out, lse
-
+            for name, x in (("q_nope", q_nope), ("q_pe", q_pe), ("ckv_cache", ckv_cache),
+                            ("kpe_cache", kpe_cache)):
+                if x.data.ptr & 15:
+                    raise ValueError(f"{name} must be 16-byte aligned; got address %16 = "
+                                     f"{x.data.ptr & 15}")
+        if self._limits is not None and self._pool_pages is None:
+            self._pool_pages = ckv_cache.shape[0]

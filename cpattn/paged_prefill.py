@@ -84,10 +84,9 @@ class BatchPrefillPaged:
         _core.check_paged_run(plan, q, k_pages, v_pages, plan["total_q"],
                               "[qo_indptr[-1], num_qo_heads, head_dim]")
         if self._graph is not None:
-            if out is not None:
-                raise ValueError("a CUDA-graph BatchPrefillPaged writes its own fixed output "
-                                 "buffer; out= is not accepted")
-            out, lse = self._graph.outputs
+            if self._graph.pool_pages is None:  # later plans check their page ids against it
+                self._graph.pool_pages = k_pages.shape[0]
+            out, lse = _core.fixed_outputs(self._graph.outputs, out, "BatchPrefillPaged")
             plan["launch"](q, k_pages, v_pages, out, lse, stream)
             out, lse = out[:plan["total_q"]], lse[:plan["total_q"]]
         else:

@@ -518,6 +518,10 @@ def partition_tiles(qo_lens, kv_lens, queries_per_item: int, causal: bool, ctas_
     if causal:  # keys seen by the tile's last query
         seen = unit_q0 + unit_queries + unit_kv - qo_lens[unit_request]
         unit_kv = np.clip(seen, 0, unit_kv)
+    if max_items is not None and len(unit_kv) > max_items:
+        raise ValueError(f"the batch has {len(unit_kv)} query tiles (ceil(qo_len / "
+                         f"{qpi}) per request) but max_items={max_items}: every tile needs a "
+                         "work item")
     work = partition_decode(unit_kv.astype(np.int32), ctas_per_item, num_sms=num_sms,
                             ctas_per_sm=ctas_per_sm, tile=tile, max_items=max_items,
                             balance_waves=max_items is None)

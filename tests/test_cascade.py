@@ -32,3 +32,8 @@ def test_levels_cover_the_same_rows():
 def test_run_before_plan():
     with pytest.raises(RuntimeError, match="run\\(\\) before plan\\(\\)"):
         cpattn.CascadeAttention(2).run(None, None)
+
+
+def test_level_errors_name_the_level():
+    with pytest.raises(ValueError, match="^level 0: .*kv_lens"):
+        plan(cpattn.CascadeAttention(2), kv_lens_arr=[I32(17), I32(3)])

@@ -139,3 +139,9 @@ def test_reference_mla_needs_sm_scale():
         reference.mla(np.zeros((1, 1, CKV)), np.zeros((1, 1, KPE)), np.zeros((1, 1, CKV)),
                       np.zeros((1, 1, KPE)), I32(0, 1), I32(0, 1), I32(0), kv_lens=I32(1),
                       sm_scale=None)
+
+
+def test_partition_tiles_names_query_tiles_over_max_items():
+    with pytest.raises(ValueError, match="5 query tiles .* max_items=4"):
+        planner.partition_tiles(np.array([3, 2]), np.array([10, 10]), 1, False, 1, num_sms=4,
+                                max_items=4)
