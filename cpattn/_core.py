@@ -30,6 +30,8 @@ PARAMS_DTYPE = np.dtype([(f, np.uint64) for f in _PTR_FIELDS] +
                         [(f, np.int64) for f in _STRIDE_FIELDS] +
                         [(f, np.int32) for f in _INT_FIELDS] +
                         [(f, np.float32) for f in _FLOAT_FIELDS], align=True)
+#: Its field names, for membership tests (a frozenset: a tuple scan costs microseconds a plan).
+PARAM_NAMES = frozenset(PARAMS_DTYPE.names)
 
 #: The arrays of a plan, in the order they are packed into the device buffer.
 PLAN_ARRAYS = ("num_items", "item_request", "item_q_start", "item_kv_start", "item_kv_end",

@@ -183,7 +183,7 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
     params = np.zeros((), _core.PARAMS_DTYPE) if graph is None else graph.launch.params
     pointers = buffer.upload(arrays, stream)
     for name, ptr in pointers.items():
-        if name in params.dtype.names:
+        if name in _core.PARAM_NAMES:
             params[name] = ptr
     device_mask = None
     if packed is not None:

@@ -107,7 +107,7 @@ class BatchDecode:
         launch.set_grid(grid)
         params = launch.params
         for name, ptr in pointers.items():
-            if name in params.dtype.names:
+            if name in _core.PARAM_NAMES:
                 params[name] = ptr
         params["num_qo_heads"] = num_qo_heads
         params["group_size"] = group

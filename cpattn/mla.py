@@ -39,6 +39,7 @@ MLA_PARAMS_DTYPE = np.dtype([(f, np.uint64) for f in _PTR_FIELDS] +
                             [(f, np.int32) for f in ("num_heads", "group_size", "page_size",
                                                      "causal")] +
                             [("logits_scale", np.float32)], align=True)
+_MLA_PARAM_NAMES = frozenset(MLA_PARAMS_DTYPE.names)
 
 
 def _check_dims(head_dim_ckv, head_dim_kpe) -> None:
@@ -266,7 +267,7 @@ class BatchMLA:
         pointers = self._buffer.upload(arrays, stream)
         params = np.zeros((), MLA_PARAMS_DTYPE)
         for name, ptr in pointers.items():
-            if name in params.dtype.names:
+            if name in _MLA_PARAM_NAMES:
                 params[name] = ptr
         params["num_heads"], params["group_size"] = num_heads, group
         params["page_size"], params["causal"] = page_size, int(bool(causal))
