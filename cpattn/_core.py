@@ -469,6 +469,15 @@ class Launcher:
         self.launch(stream)
 
 
+def require_graph_limits(**limits) -> None:
+    """use_cuda_graph=True: every named maximum must be given (the buffers a captured graph
+    uses are sized once, at construction or first plan)."""
+    missing = [name for name, value in limits.items() if not value]
+    if missing:
+        raise ValueError(f"use_cuda_graph=True needs {', '.join(limits)}; missing: "
+                         f"{', '.join(missing)} (the buffers a captured graph uses are sized once)")
+
+
 def check_graph_pages(pool_pages, kv_indices) -> None:
     """CUDA-graph mode: a replay skips run()'s checks, so plan() checks the page ids against
     the pools the first run saw (``pool_pages``; None before it, when run() checks them)."""

@@ -45,9 +45,8 @@ class BatchDecode:
         self._limits = None
         capacities = None
         if use_cuda_graph:
-            if not max_batch_size or not max_num_pages:
-                raise ValueError("use_cuda_graph=True needs max_batch_size and max_num_pages: "
-                                 "the buffers a captured graph uses are sized once")
+            _core.require_graph_limits(max_batch_size=max_batch_size,
+                                       max_num_pages=max_num_pages)
             items = max_items or max(2 * _core.num_sms(), max_batch_size)
             self._limits = GraphLimits(max_batch_size, max_num_pages, items)
             capacities = dict(num_items=1, item_request=items, item_q_start=items,

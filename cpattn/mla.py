@@ -193,9 +193,8 @@ class BatchMLA:
         self._limits = None
         capacities = None
         if use_cuda_graph:
-            if not max_batch_size or not max_num_pages:
-                raise ValueError("use_cuda_graph=True needs max_batch_size and max_num_pages: "
-                                 "the buffers a captured graph uses are sized once")
+            _core.require_graph_limits(max_batch_size=max_batch_size,
+                                       max_num_pages=max_num_pages)
             total_q = max_total_q or max_batch_size
             items = max_items or max(2 * _core.num_sms(), total_q)
             self._limits = dict(batch=max_batch_size, pages=max_num_pages, total_q=total_q,

@@ -41,9 +41,8 @@ class BatchPrefillPaged:
                  max_total_q=None, max_items=0):
         self._graph = None
         if use_cuda_graph:
-            if not (max_batch_size and max_num_pages and max_total_q):
-                raise ValueError("use_cuda_graph=True needs max_batch_size, max_num_pages and "
-                                 "max_total_q: the buffers a captured graph uses are sized once")
+            _core.require_graph_limits(max_batch_size=max_batch_size,
+                                       max_num_pages=max_num_pages, max_total_q=max_total_q)
             self._graph = _core.GraphPrefill(max_batch_size, max_num_pages, max_total_q,
                                              max_items)
         self._buffer = _core.PlanBuffer()

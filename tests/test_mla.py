@@ -145,3 +145,13 @@ def test_partition_tiles_names_query_tiles_over_max_items():
     with pytest.raises(ValueError, match="5 query tiles .* max_items=4"):
         planner.partition_tiles(np.array([3, 2]), np.array([10, 10]), 1, False, 1, num_sms=4,
                                 max_items=4)
+
+
+@pytest.mark.parametrize("wrapper, kwargs, missing", [
+    (cpattn.BatchMLA, dict(max_batch_size=8), "max_num_pages"),
+    (cpattn.BatchDecode, dict(max_num_pages=8), "max_batch_size"),
+    (cpattn.BatchPrefillPaged, dict(max_batch_size=8, max_num_pages=8), "max_total_q"),
+])
+def test_cuda_graph_mode_needs_its_maxima(wrapper, kwargs, missing):
+    with pytest.raises(ValueError, match=f"missing: {missing}"):
+        wrapper(use_cuda_graph=True, **kwargs)
