@@ -1,9 +1,7 @@
 // batch_attention: softmax(q k^T * sm_scale) v for a batch of requests over ragged or paged keys,
 // on tensor cores (mma.sync m16n8k16, fp32 accumulate). Prefill, chunked prefill and decode alike.
 //
-// Grid: one dimension, item * num_kv_heads + kv head, for each work item of the plan (request,
-// first query, key range) and kv head (one dimension: no 65535 limit on items; the CTAs of one
-// item's heads run side by side).
+// Grid: (work item of the plan, kv head), one dimension, item-major (common/work_item.cuh).
 // Block: WARPS_Q x WARPS_KV warps. A CTA owns ROWS = 16 * M_TILES * WARPS_Q packed rows: row r is query
 // q_start + r / group of its request, for query head kv_head * group + r % group, so each K/V tile
 // brought into shared memory serves the whole GQA group (decode: the group's heads are the rows).
@@ -16,6 +14,7 @@
 #include "common/state.cuh"
 #include "common/mma.cuh"
 #include "common/attention_params.cuh"
+#include "common/work_item.cuh"
 
 using namespace cpattn;
 
@@ -117,18 +116,12 @@ batch_attention_kernel(const AttentionParams p) {
   static_assert(STAGES >= 2, "cp.async pipeline needs two stages at least");
   static_assert(M_TILES == 1 || WARPS_KV == 1, "warps split rows or keys, not both");
 
-  const int num_kv_heads = p.num_qo_heads / p.group_size;
-  const int item = blockIdx.x / num_kv_heads, kv_head = blockIdx.x % num_kv_heads;
-  if (item >= *p.num_items) return;  // fixed grids (CUDA graphs) may have spare CTAs
-  const int b = p.item_request[item], q_start = p.item_q_start[item];
-  const int qo_begin = p.qo_indptr[b], qo_len = p.qo_indptr[b + 1] - qo_begin;
-  const int kv_len = p.kv_lens[b];
-  const int group = p.group_size;
-  const int q_count = min(ROWS / group, qo_len - q_start);
-  const int valid_rows = q_count * group;
-  const int diag = kv_len - qo_len;  // query i sees key j iff j <= i + diag (bottom-right causal)
-  int kv_begin = p.item_kv_start[item], kv_end = p.item_kv_end[item];
-  if (p.causal) kv_end = min(kv_end, q_start + q_count + diag);  // the last query's last key + 1
+  WorkItem w;
+  if (!load_work_item<ROWS>(p, p.num_qo_heads / p.group_size, w)) return;
+  const int item = w.item, kv_head = w.head_block, b = w.request, q_start = w.q_start;
+  const int qo_begin = w.qo_begin, qo_len = w.qo_len, kv_len = w.kv_len, group = p.group_size;
+  const int valid_rows = w.valid_rows, diag = w.diag, kv_end = w.kv_end;
+  int kv_begin = w.kv_begin;
   if (p.window_left >= 0) kv_begin = max(kv_begin, q_start + diag - p.window_left);
   // With a classified custom mask, tiles are those of the plan: [TILE * i, TILE * (i + 1)).
   const int* tile_class = p.tile_class != nullptr ? p.tile_class + p.item_class_offset[item] : nullptr;

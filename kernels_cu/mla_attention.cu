@@ -22,6 +22,7 @@
 #include "common/state.cuh"
 #include "common/mma.cuh"
 #include "common/mla_params.cuh"
+#include "common/work_item.cuh"
 
 using namespace cpattn;
 
@@ -46,19 +47,11 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
   constexpr int ACC = M_TILES == 1 ? 4 : 2;
   static_assert((ROW_CHUNKS / 2) % ACC == 0, "the 36 steps of S split evenly");
 
-  const int head_blocks = p.num_heads / p.group_size;
-  const int item = blockIdx.x / head_blocks, head_block = blockIdx.x % head_blocks;
-  if (item >= *p.num_items) return;  // fixed grids (CUDA graphs) may have spare CTAs
-  const int b = p.item_request[item], q_start = p.item_q_start[item];
-  const int qo_begin = p.qo_indptr[b], qo_len = p.qo_indptr[b + 1] - qo_begin;
-  const int kv_len = p.kv_lens[b];
-  const int group = p.group_size;
-  const int q_count = min(ROWS / group, qo_len - q_start);
-  const int valid_rows = q_count * group;
-  const int diag = kv_len - qo_len;  // query i sees key j iff j <= i + diag (bottom-right causal)
-  const int kv_begin = p.item_kv_start[item];
-  int kv_end = p.item_kv_end[item];
-  if (p.causal) kv_end = min(kv_end, q_start + q_count + diag);  // the last query's last key + 1
+  WorkItem w;
+  if (!load_work_item<ROWS>(p, p.num_heads / p.group_size, w)) return;
+  const int item = w.item, head_block = w.head_block, b = w.request, q_start = w.q_start;
+  const int qo_begin = w.qo_begin, group = p.group_size, valid_rows = w.valid_rows;
+  const int diag = w.diag, kv_begin = w.kv_begin, kv_end = w.kv_end;
   const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + TILE - 1) / TILE : 0;
 
   extern __shared__ uint4 smem[];

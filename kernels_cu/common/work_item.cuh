@@ -1,0 +1,43 @@
+// work_item.cuh: what one CTA of an attention kernel is given to do, read from the plan.
+//
+// The grid is one-dimensional, item-major: CTA x runs head block x % head_blocks of work item
+// x / head_blocks (no 65535 limit on items; the head blocks of an item run side by side). An
+// item is (request, first query, key range); its CTA packs ROWS (query, head) rows: row r is
+// query q_start + r / group_size of the request, for head head_block * group_size + r %
+// group_size.
+#pragma once
+
+namespace cpattn {
+
+struct WorkItem {
+  int item, head_block;
+  int request, q_start;     // the request, and the item's first query within it
+  int qo_begin, qo_len;     // the request's query rows [qo_begin, qo_begin + qo_len)
+  int kv_len;               // the request's keys
+  int q_count, valid_rows;  // the item's queries, and their packed (query, head) rows
+  int diag;                 // kv_len - qo_len: query i sees key j iff j <= i + diag (causal)
+  int kv_begin, kv_end;     // the item's key range, its end clipped to the last query's causal bound
+};
+
+// Params: AttentionParams or MLAParams (the fields read here are named alike). False for a
+// spare CTA of a fixed grid (CUDA graphs): the plan has fewer items than the grid.
+template <int ROWS, typename Params>
+__device__ __forceinline__ bool load_work_item(const Params& p, int head_blocks, WorkItem& w) {
+  w.item = blockIdx.x / head_blocks;
+  w.head_block = blockIdx.x % head_blocks;
+  if (w.item >= *p.num_items) return false;
+  w.request = p.item_request[w.item];
+  w.q_start = p.item_q_start[w.item];
+  w.qo_begin = p.qo_indptr[w.request];
+  w.qo_len = p.qo_indptr[w.request + 1] - w.qo_begin;
+  w.kv_len = p.kv_lens[w.request];
+  w.q_count = min(ROWS / p.group_size, w.qo_len - w.q_start);
+  w.valid_rows = w.q_count * p.group_size;
+  w.diag = w.kv_len - w.qo_len;
+  w.kv_begin = p.item_kv_start[w.item];
+  w.kv_end = p.item_kv_end[w.item];
+  if (p.causal) w.kv_end = min(w.kv_end, w.q_start + w.q_count + w.diag);
+  return true;
+}
+
+}  // namespace cpattn
