@@ -166,28 +166,36 @@ batch_attention_kernel(const AttentionParams p) {
       pages[i] = paged && key < kv_end ? __ldg(page_table + key / p.page_size) : 0;
     }
   };
-  auto issue_tile = [&](int tile, int stage) {
+  // K and V of a tile travel in two commit groups: S = Q K^T waits for K only, while V is still
+  // arriving; P V waits for V.
+  auto issue_rows = [&](int tile, int stage, uint4* tiles, const T* base, long long stride_page,
+                        long long stride_slot, long long stride_head) {
 #pragma unroll
     for (int i = 0; i < KEYS_PER_THREAD; ++i) {
       const int r = copy_row + i * ROW_STEP, key = kv_begin + tile * TILE + r;
       const bool valid = key < kv_end;
       // NOTE: 64-bit offsets: page * stride_page passes 2^31 elements in pools over 4 GB.
       const long long slot = paged ? key % p.page_size : ragged_row + key;
-      const long long page = pages[i];
-      const long long k_off = page * p.k_stride_page + slot * p.k_stride_slot + kv_head * p.k_stride_head;
-      const long long v_off = page * p.v_stride_page + slot * p.v_stride_slot + kv_head * p.v_stride_head;
-      const int at = stage * TILE * CHUNKS + swizzle<CHUNKS>(r, copy_chunk);
-      cp_async_16(k_tiles + at, k + (valid ? k_off : 0) + copy_chunk * 8, valid);
-      cp_async_16(v_tiles + at, v + (valid ? v_off : 0) + copy_chunk * 8, valid);
+      const long long offset = pages[i] * stride_page + slot * stride_slot + kv_head * stride_head;
+      cp_async_16(tiles + stage * TILE * CHUNKS + swizzle<CHUNKS>(r, copy_chunk),
+                  base + (valid ? offset : 0) + copy_chunk * 8, valid);
     }
+  };
+  auto issue_tile = [&](int tile, int stage) {
+    issue_rows(tile, stage, k_tiles, k, p.k_stride_page, p.k_stride_slot, p.k_stride_head);
+    cp_async_commit();
+    issue_rows(tile, stage, v_tiles, v, p.v_stride_page, p.v_stride_slot, p.v_stride_head);
+    cp_async_commit();
   };
 #pragma unroll
   for (int t = 0; t < STAGES - 1; ++t) {  // prologue; Q travels in the first group
     if (t < num_tiles) {
       fetch_pages(t);
       issue_tile(t, t);
+    } else {
+      cp_async_commit();
+      cp_async_commit();
     }
-    cp_async_commit();
   }
   fetch_pages(STAGES - 1);
 
@@ -203,13 +211,17 @@ batch_attention_kernel(const AttentionParams p) {
   const float logits_scale = p.soft_cap_log2 > 0.f ? 1.f : p.logits_scale;
   const int last_row = max(valid_rows - 1, 0);
 
+  // Groups so far at iteration t, after its issue: K(0) V(0) ... K(t + STAGES - 1) V(...), so
+  // K(t) has landed once 2 * STAGES - 1 groups are pending at most, V(t) at 2 * STAGES - 2.
   for (int t = 0; t < num_tiles; ++t) {
     if (t + STAGES - 1 < num_tiles) {
       issue_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES);
       fetch_pages(t + STAGES);
+    } else {
+      cp_async_commit();
+      cp_async_commit();
     }
-    cp_async_commit();
-    cp_async_wait<STAGES - 1>();
+    cp_async_wait<2 * STAGES - 1>();  // K(t)
     __syncthreads();
     const uint4* k_tile = k_tiles + (t % STAGES) * TILE * CHUNKS;
     const uint4* v_tile = v_tiles + (t % STAGES) * TILE * CHUNKS;
@@ -219,7 +231,8 @@ batch_attention_kernel(const AttentionParams p) {
     const int mask_class = tile_class != nullptr ? tile_class[(kv_begin + t * TILE) / TILE]
                                                  : (p.mask != nullptr ? 2 : 1);
     if (mask_class == 0) {
-      __syncthreads();  // keep the pipeline's barrier count: the stage is refilled next
+      cp_async_wait<2 * STAGES - 2>();  // V(t) too: the stage is refilled next
+      __syncthreads();
       continue;
     }
 
@@ -264,6 +277,8 @@ batch_attention_kernel(const AttentionParams p) {
       online_softmax<HEAD_DIM, WARP_KEYS>(s[mt], st[mt], logits_scale);
     }
 
+    cp_async_wait<2 * STAGES - 2>();  // V(t)
+    __syncthreads();
     // O += P V: the probabilities' C fragments are the A fragments of this product.
 #pragma unroll
     for (int kt = 0; kt < WARP_KEYS / 16; ++kt) {

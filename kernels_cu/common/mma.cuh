@@ -23,9 +23,10 @@ __device__ __forceinline__ unsigned smem_addr(const void* ptr) {
 }
 
 // 16-byte global -> shared copy that bypasses registers; when !valid, writes 16 zero bytes and
-// reads nothing (the source address is then never dereferenced).
+// reads nothing (the source address is then never dereferenced). L2::128B: the line's other
+// 112 bytes, which neighbouring threads read next, are prefetched into L2 with it.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n"
                :: "r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
