@@ -7,6 +7,7 @@ Every attention entry point (single, ragged, paged, decode) comes down to the sa
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -85,12 +86,28 @@ def check_heads(num_qo_heads: int, num_kv_heads: int) -> int:
     return num_qo_heads // num_kv_heads
 
 
-def choose_tiles(head_dim: int, group: int, max_qo_len: int) -> _tiles.TileConfig:
-    """Decode tiles when one CTA's 16 rows hold a request's whole (query, head) block."""
+_HOPPER: dict = {}
+
+
+def hopper_path() -> bool:
+    """Whether prefill tiles run the sm_90a (wgmma) kernel: on compute capability 9.0, unless
+    ``CPATTN_ARCH_PATH=sm80`` forces the mma.sync kernels that run on any GPU from Ampere on."""
+    if os.environ.get("CPATTN_ARCH_PATH", "").lower() == "sm80":
+        return False
+    import cupy
+    device = cupy.cuda.Device()
+    if device.id not in _HOPPER:
+        _HOPPER[device.id] = _kernels.device_arch(device) == "sm_90a"
+    return _HOPPER[device.id]
+
+
+def choose_tiles(head_dim: int, group: int, max_qo_len: int):
+    """Decode tiles when one CTA's 16 rows hold a request's whole (query, head) block; else the
+    prefill tiles, Hopper's on compute capability 9.0 (``hopper_path``)."""
     decode = _tiles.DECODE[head_dim]
     if max_qo_len * group <= decode.rows:
         return decode
-    prefill = _tiles.PREFILL[head_dim]
+    prefill = (_tiles.PREFILL_SM90 if hopper_path() else _tiles.PREFILL)[head_dim]
     if group > prefill.rows:
         raise NotImplementedError(f"GQA group size {group} (num_qo_heads / num_kv_heads) is "
                                   f"over the {prefill.rows} rows of a CTA")
@@ -134,9 +151,11 @@ def num_sms() -> int:
     return _NUM_SMS[device.id]
 
 
-def ctas_per_sm(cfg: _tiles.TileConfig, head_dim: int) -> int:
+def ctas_per_sm(cfg, head_dim: int) -> int:
     """CTAs of these tiles resident on one SM: decode tiles are capped by shared memory (up to
-    4), prefill tiles by their 255 registers a thread (2)."""
+    4), prefill tiles by their 255 registers a thread (2), Hopper's by their launch bounds (1)."""
+    if isinstance(cfg, _tiles.HopperTileConfig):
+        return 1
     by_smem = max(1, _SMEM_PER_SM // cfg.smem_bytes(head_dim))
     return min(4, by_smem) if cfg.warps_kv > 1 else min(2, by_smem)
 
@@ -365,8 +384,8 @@ def load_kernel(op: str, targs: tuple, smem: int, what: str):
     return kernel
 
 
-def _attention_kernel(cfg: _tiles.TileConfig, dtype, head_dim: int):
-    return load_kernel("batch_attention", cfg.targs(_kernels.CTYPES[A.dtype_name(dtype)], head_dim),
+def _attention_kernel(cfg, dtype, head_dim: int):
+    return load_kernel(cfg.op, cfg.targs(_kernels.CTYPES[A.dtype_name(dtype)], head_dim),
                        cfg.smem_bytes(head_dim), f"head_dim {head_dim} with these tiles")
 
 

@@ -29,11 +29,23 @@ VARIANTS: dict[str, list[tuple[str, ...]]] = {
                     ("float", "half"), ("float", "__nv_bfloat16")],
     # batch_attention_kernel<T, HEAD_DIM, M_TILES, WARPS_Q, WARPS_KV, TILE, STAGES>: _tiles.py.
     "batch_attention": _tiles.attention_variants(),
+    # batch_attention_sm90_kernel<T, HEAD_DIM, WARPGROUPS, TILE, STAGES>: _tiles.py (sm_90a).
+    "batch_attention_sm90": _tiles.hopper_variants(),
     # mla_attention_kernel<T, M_TILES, WARPS, TILE, STAGES>: _tiles.py.
     "mla_attention": _tiles.mla_variants(),
     # append_paged_kv_kernel<T>: K/V pools in fp16 / bf16 (layout and head_dim through strides).
     "append_paged_kv": [("half",), ("__nv_bfloat16",)],
 }
+
+#: Ops built for some targets only (their instructions exist nowhere else); all others build
+#: for every target from sm_80 on.
+TARGETS = {"batch_attention_sm90": ("sm_90a",)}
+
+
+def builds_for(op: str, arch: str) -> bool:
+    """Whether ``op`` compiles for ``arch`` (``sm_90a`` ops need exactly that target)."""
+    return arch in TARGETS.get(op, (arch,))
+
 
 #: C++ spelling of the dtypes kernels take.
 CTYPES = {"float16": "half", "bfloat16": "__nv_bfloat16", "float32": "float"}
@@ -127,11 +139,13 @@ def device_arch(device=None) -> str:
     return "sm_90a" if cc == "90" else f"sm_{cc}"
 
 
-def _check_registered(op: str, targs: tuple[str, ...]) -> None:
+def _check_registered(op: str, targs: tuple[str, ...], arch: str) -> None:
     if op not in VARIANTS:
         raise KernelError(f"unknown op {op!r}; registered: {sorted(VARIANTS)}")
     if targs not in VARIANTS[op]:
         raise KernelError(f"{name_expression(op, targs)} is not a registered variant of {op}")
+    if not builds_for(op, arch):
+        raise KernelError(f"{op} builds for {', '.join(TARGETS[op])} only, not {arch}")
 
 
 # ---- runtime: RawModule + caches -------------------------------------------------------------
@@ -164,7 +178,7 @@ def get_kernel(op: str, targs: tuple[str, ...]):
     kernel = _LOADED.get(key)
     if kernel is not None:
         return kernel
-    _check_registered(op, targs)
+    _check_registered(op, targs, arch)
     src, opts, expr = source(op), nvrtc_options(arch), name_expression(op, targs)
     digest = _kernel_hash(src, opts, expr, arch)
     manifest = _manifest()
@@ -196,7 +210,7 @@ def compile_offline(op: str, targs: tuple[str, ...], arch: str) -> int:
     ``--device-as-default-execution-space`` and the arch flag.
     """
     from cupy_backends.cuda.libs import nvrtc
-    _check_registered(op, targs)
+    _check_registered(op, targs, arch)
     src, expr = source(op), name_expression(op, targs)
     opts = list(nvrtc_options(arch)) + ["-ftz=true", "--device-as-default-execution-space",
                                         f"-arch=sm_{arch_number(arch)}"]

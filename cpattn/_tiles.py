@@ -21,6 +21,7 @@ class TileConfig:
     warps_kv: int
     tile: int
     stages: int
+    op = "batch_attention"
 
     @property
     def rows(self) -> int:
@@ -50,6 +51,43 @@ PREFILL = {64: TileConfig(2, 4, 1, 64, 2), 128: TileConfig(2, 4, 1, 32, 2),
 #: One query (or a few) per request: the GQA group fills the 16 rows; four warps split the keys.
 DECODE = {64: TileConfig(1, 1, 4, 64, 2), 128: TileConfig(1, 1, 4, 64, 2),
           256: TileConfig(1, 1, 4, 64, 2)}
+
+
+@dataclass(frozen=True)
+class HopperTileConfig:
+    """``batch_attention_sm90_kernel<T, HEAD_DIM, WARPGROUPS, TILE, STAGES>`` (wgmma, sm_90a): a
+    CTA holds ``64 * warpgroups`` packed rows, 64 per warpgroup; keys stream ``TILE`` at a time
+    through ``STAGES`` buffers. Same planning interface as TileConfig."""
+    warpgroups: int
+    tile: int
+    stages: int
+    op = "batch_attention_sm90"
+    warps_kv = 1
+
+    @property
+    def rows(self) -> int:
+        return 64 * self.warpgroups
+
+    @property
+    def threads(self) -> int:
+        return 128 * self.warpgroups
+
+    def smem_bytes(self, head_dim: int) -> int:
+        """Q rows + K/V stages (each a multiple of 1024 bytes: the tiles stay aligned)."""
+        row = head_dim * 2
+        return self.rows * row + 2 * self.stages * self.tile * row
+
+    def targs(self, ctype: str, head_dim: int) -> tuple[str, ...]:
+        return (ctype, str(head_dim), str(self.warpgroups), str(self.tile), str(self.stages))
+
+
+#: Hopper prefill: two warpgroups of 64 rows (one at head_dim 256, for registers).
+PREFILL_SM90 = {64: HopperTileConfig(2, 128, 2), 128: HopperTileConfig(2, 128, 2),
+                256: HopperTileConfig(1, 64, 2)}
+
+
+def hopper_variants() -> list[tuple[str, ...]]:
+    return [PREFILL_SM90[d].targs(t, d) for t in ATTENTION_CTYPES for d in HEAD_DIMS]
 
 
 def attention_variants() -> list[tuple[str, ...]]:

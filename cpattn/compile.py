@@ -56,7 +56,8 @@ def main(argv=None) -> int:
             parser.error(f"no GPU found ({err}); pass --arch to compile without one")
         work = _warm
     ops = args.op or sorted(_kernels.VARIANTS)
-    jobs = [(op, targs, arch) for op in ops for targs in _kernels.VARIANTS[op]]
+    jobs = [(op, targs, arch) for op in ops if _kernels.builds_for(op, arch)
+            for targs in _kernels.VARIANTS[op]]
 
     failures = 0
     if work is _offline and args.jobs != 1:

@@ -22,7 +22,7 @@ def _run(*args, env=None):
 def test_every_variant_compiles_without_gpu(arch):
     proc = _run("-m", "cpattn.compile", "--arch", arch)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    total = sum(len(v) for v in _kernels.VARIANTS.values())
+    total = sum(len(v) for op, v in _kernels.VARIANTS.items() if _kernels.builds_for(op, arch))
     assert f"{total} of {total} variants compiled for {arch}" in proc.stdout
 
 

@@ -18,15 +18,20 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * CHUNKS + (chunk ^ (row & 7));
 }
 
+// The layout above as a type, for code shared between tile layouts (kv_tiles.cuh).
+template <int CHUNKS>
+struct SwizzledRows {
+  __device__ __forceinline__ static int at(int row, int chunk) { return swizzle<CHUNKS>(row, chunk); }
+};
+
 __device__ __forceinline__ unsigned smem_addr(const void* ptr) {
   return static_cast<unsigned>(__cvta_generic_to_shared(ptr));
 }
 
 // 16-byte global -> shared copy that bypasses registers; when !valid, writes 16 zero bytes and
-// reads nothing (the source address is then never dereferenced). L2::128B: the line's other
-// 112 bytes, which neighbouring threads read next, are prefetched into L2 with it.
+// reads nothing (the source address is then never dereferenced).
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n"
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                :: "r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -77,6 +82,16 @@ template <> __device__ __forceinline__ unsigned pack_pair<half>(float lo, float 
 template <> __device__ __forceinline__ unsigned pack_pair<__nv_bfloat16>(float lo, float hi) {
   __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<unsigned*>(&h);
+}
+
+// The A fragment (16 rows x k 16..16+15 of kt) made of the C fragments c[2 kt], c[2 kt + 1]
+// of a previous product: how P = softmax(S) feeds P V without leaving registers.
+template <typename T, int N>
+__device__ __forceinline__ void c_to_a(const float (&c)[N][4], int kt, unsigned (&a)[4]) {
+  a[0] = pack_pair<T>(c[2 * kt][0], c[2 * kt][1]);
+  a[1] = pack_pair<T>(c[2 * kt][2], c[2 * kt][3]);
+  a[2] = pack_pair<T>(c[2 * kt + 1][0], c[2 * kt + 1][1]);
+  a[3] = pack_pair<T>(c[2 * kt + 1][2], c[2 * kt + 1][3]);
 }
 
 // Store two adjacent elements (ptr 4-byte aligned for 2-byte T, 8-byte for float).

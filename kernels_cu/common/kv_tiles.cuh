@@ -1,0 +1,118 @@
+// kv_tiles.cuh: cp.async of a work item's Q rows and of its K / V key tiles into shared memory,
+// from ragged rows or from pages, in the tile layout its kernel's matrix products read.
+//
+// Layout: a struct with `static int at(int row, int chunk)`, the 16-byte-chunk offset of chunk
+// `chunk` of row `row` within one tile (SwizzledRows for mma.sync, SwizzledBlocks for wgmma).
+// THREADS threads copy a tile of TILE rows of CHUNKS chunks: thread t copies chunk column
+// t % CHUNKS of rows t / CHUNKS + i * ROW_STEP. Keys at or past kv_end are zero-filled, V included
+// (0 * NaN would poison the output); their addresses are never dereferenced.
+#pragma once
+#include "common/mma.cuh"
+#include "common/attention_params.cuh"
+#include "common/work_item.cuh"
+
+namespace cpattn {
+
+// The key tiles of an item: its range narrowed to the sliding window and, with a classified
+// custom mask, started at a tile of the plan ([TILE * i, TILE * (i + 1)) has class i).
+template <int TILE>
+struct KeyTiles {
+  int kv_begin, num_tiles;
+  const int* tile_class;  // the item's tile classes, or nullptr
+
+  __device__ __forceinline__ KeyTiles(const AttentionParams& p, const WorkItem& w) {
+    kv_begin = w.kv_begin;
+    if (p.window_left >= 0) kv_begin = max(kv_begin, w.q_start + w.diag - p.window_left);
+    tile_class = p.tile_class != nullptr ? p.tile_class + p.item_class_offset[w.item] : nullptr;
+    if (tile_class != nullptr) kv_begin -= kv_begin % TILE;
+    num_tiles = w.kv_end > kv_begin ? (w.kv_end - kv_begin + TILE - 1) / TILE : 0;
+  }
+
+  // Custom mask class of tile t: 0 empty (no math), 1 full (no bits read), 2 partial.
+  __device__ __forceinline__ int mask_class(const AttentionParams& p, int t) const {
+    return tile_class != nullptr ? tile_class[(kv_begin + t * TILE) / TILE]
+                                 : (p.mask != nullptr ? 2 : 1);
+  }
+};
+
+// The item's packed (query, head) rows: row r is query w.q_start + r / group, head
+// w.head_block * group + r % group; rows past w.valid_rows are zero-filled.
+template <typename Layout, typename T, int ROWS, int CHUNKS, int THREADS>
+__device__ __forceinline__ void issue_q_rows(const AttentionParams& p, const WorkItem& w,
+                                             uint4* q_tile) {
+  const T* q = static_cast<const T*>(p.q);
+  const int group = p.group_size;
+  for (int c = threadIdx.x; c < ROWS * CHUNKS; c += THREADS) {
+    const int r = c / CHUNKS, chunk = c % CHUNKS;
+    const bool valid = r < w.valid_rows;
+    const long long offset = valid ? (w.qo_begin + w.q_start + r / group) * p.q_stride_token +
+                                         (w.head_block * group + r % group) * p.q_stride_head
+                                   : 0;
+    cp_async_16(q_tile + Layout::at(r, chunk), q + offset + chunk * 8, valid);
+  }
+}
+
+// K and V tiles of keys [kv_begin + TILE * t, + TILE) of one kv head. The page ids of the tile
+// to issue next are fetched one tile early (fetch_pages), so the wait for them overlaps a tile
+// of compute instead of stalling the copy.
+template <typename Layout, typename T, int CHUNKS, int THREADS, int TILE>
+struct KVTiles {
+  static constexpr int ROW_STEP = THREADS / CHUNKS;
+  static constexpr int KEYS_PER_THREAD = TILE / ROW_STEP;
+  static_assert(THREADS % CHUNKS == 0 && TILE % ROW_STEP == 0, "copy layout must tile the tile");
+
+  const AttentionParams& p;
+  const int* page_table;   // the request's page ids (paged)
+  long long ragged_row;    // the request's first key row (ragged)
+  int kv_head, kv_begin, kv_end, copy_chunk, copy_row;
+  bool paged;
+  int pages[KEYS_PER_THREAD];
+
+  __device__ __forceinline__ KVTiles(const AttentionParams& params, int request, int head,
+                                     int begin, int end)
+      : p(params), kv_head(head), kv_begin(begin), kv_end(end) {
+    paged = p.kv_indices != nullptr;
+    page_table = p.kv_indices + (paged ? p.kv_indptr[request] : 0);
+    ragged_row = paged ? 0 : p.kv_indptr[request];
+    copy_chunk = threadIdx.x % CHUNKS;
+    copy_row = threadIdx.x / CHUNKS;
+  }
+
+  __device__ __forceinline__ void fetch_pages(int tile) {
+#pragma unroll
+    for (int i = 0; i < KEYS_PER_THREAD; ++i) {
+      const int key = kv_begin + tile * TILE + copy_row + i * ROW_STEP;
+      pages[i] = paged && key < kv_end ? __ldg(page_table + key / p.page_size) : 0;
+    }
+  }
+
+  __device__ __forceinline__ void issue_rows(int tile, uint4* dst, const void* src,
+                                             long long stride_page, long long stride_slot,
+                                             long long stride_head) {
+    const T* base = static_cast<const T*>(src);
+#pragma unroll
+    for (int i = 0; i < KEYS_PER_THREAD; ++i) {
+      const int r = copy_row + i * ROW_STEP, key = kv_begin + tile * TILE + r;
+      const bool valid = key < kv_end;
+      // NOTE: 64-bit offsets: page * stride_page passes 2^31 elements in pools over 4 GB.
+      const long long slot = paged ? key % p.page_size : ragged_row + key;
+      const long long offset = pages[i] * stride_page + slot * stride_slot + kv_head * stride_head;
+      cp_async_16(dst + Layout::at(r, copy_chunk), base + (valid ? offset : 0) + copy_chunk * 8,
+                  valid);
+    }
+  }
+
+  // One commit group: K of `tile` into k_tile and V into v_tile (its pages fetched before).
+  // (K and V in two groups, so that Q K^T waits for K alone, cost decode 20%: one more barrier
+  // a tile.)
+  __device__ __forceinline__ void issue(int tile, uint4* k_tile, uint4* v_tile) {
+    issue_rows(tile, k_tile, p.k, p.k_stride_page, p.k_stride_slot, p.k_stride_head);
+    issue_rows(tile, v_tile, p.v, p.v_stride_page, p.v_stride_slot, p.v_stride_head);
+    cp_async_commit();
+  }
+
+  // The (empty) group of a tile past the last, so that group counting stays uniform.
+  __device__ __forceinline__ static void skip() { cp_async_commit(); }
+};
+
+}  // namespace cpattn

@@ -1,0 +1,168 @@
+// tile_softmax.cuh: the online softmax of a warp's 16 query rows over one tile of keys, in the
+// C-fragment layout shared by mma.sync m16n8k16 and wgmma m64nNk16 (each warp of a warpgroup holds
+// 16 rows): thread (g = lane / 4, c = lane % 4) holds rows g and g + 8, and of each 8 columns the
+// pair 2c, 2c + 1. Scores come in as s[n][e] = S(row g + 8 * (e / 2), key n * 8 + 2c + e % 2).
+#pragma once
+#include "common/state.cuh"
+#include "common/attention_params.cuh"
+#include "common/mma.cuh"
+#include "common/work_item.cuh"
+
+namespace cpattn {
+
+// Per-thread online-softmax state of the two rows a thread holds (g and g + 8 of its warp's 16).
+template <int HEAD_DIM>
+struct RowsState {
+  float o[HEAD_DIM / 8][4];  // C fragments of O: n-tile of head_dim, then c0..c3
+  float m[2];                // running max (log2 domain) of rows g, g + 8
+  float d[2];                // this thread's part of the running denominators
+};
+
+// Scores of one tile: soft cap (if on), then (tiles that need it) mask. s[n][e] is key
+// (n * 8 + 2c + e % 2) of the warp's keys for row g + 8 * (e / 2). Without a soft cap the
+// scores stay unscaled: online_softmax folds the scale into the exponent's FMA.
+template <int WARP_KEYS>
+__device__ __forceinline__ void scores_to_logits(float (&s)[WARP_KEYS / 8][4], const AttentionParams& p,
+                                                 bool masked, bool read_bits, int first_key,
+                                                 int kv_end, int row0,
+                                                 int q_start, int diag, int b, int qo_len, int kv_len) {
+  const int lane = threadIdx.x % 32;
+  if (p.soft_cap_log2 > 0.f) {  // uniform: tanh only when a soft cap is on
+#pragma unroll
+    for (int n = 0; n < WARP_KEYS / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = p.soft_cap_log2 * tanhf(s[n][e] * p.logits_scale);
+  }
+  if (!masked) return;
+#pragma unroll
+  for (int n = 0; n < WARP_KEYS / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = first_key + n * 8 + 2 * (lane % 4) + (e % 2);
+      const int query = q_start + (row0 + lane / 4 + 8 * (e / 2)) / p.group_size;
+      bool visible = key < kv_end;
+      if (p.causal) visible &= key <= query + diag;
+      if (p.window_left >= 0) visible &= key >= query + diag - p.window_left;
+      if (read_bits && visible && query < qo_len) {
+        const long long bit = static_cast<long long>(p.mask_indptr[b]) * 8 +
+                              static_cast<long long>(query) * kv_len + key;
+        visible = (__ldg(p.mask + (bit >> 3)) >> (bit & 7)) & 1;
+      }
+      s[n][e] = visible ? s[n][e] : NEG_INF;  // selected, never added: -inf + NaN stays NaN
+    }
+  }
+}
+
+// Online softmax over one tile: new maxima, rescale O and d, scores -> probabilities in place.
+// `scale` turns scores into log2-domain logits (1 when the soft cap already did); the running
+// maxima st.m are kept in that domain.
+template <int HEAD_DIM, int WARP_KEYS>
+__device__ __forceinline__ void online_softmax(float (&s)[WARP_KEYS / 8][4], RowsState<HEAD_DIM>& st,
+                                               float scale) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float tile_max = NEG_INF;
+#pragma unroll
+    for (int n = 0; n < WARP_KEYS / 8; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
+    const float m_new = fmaxf(st.m[h], tile_max * scale);  // scale > 0: max commutes with it
+    // A row that has seen no visible key keeps m = -inf: subtract 0 instead, so that
+    // exp2(-inf - m) is 0 and never exp2(-inf + inf) = NaN.
+    const float m_ref = m_new == NEG_INF ? 0.f : m_new;
+    const float rescale = exp2f(st.m[h] - m_ref);
+    st.m[h] = m_new;
+    st.d[h] *= rescale;
+    // Once the maxima settle most tiles leave them unchanged: skip the multiply by 1 when no row
+    // of the warp moved (warp-uniform, so no divergence).
+    if (__any_sync(0xffffffff, rescale != 1.f)) {
+#pragma unroll
+      for (int n = 0; n < HEAD_DIM / 8; ++n) {
+        st.o[n][2 * h] *= rescale;
+        st.o[n][2 * h + 1] *= rescale;
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < WARP_KEYS / 8; ++n) {
+      s[n][2 * h] = exp2f(fmaf(s[n][2 * h], scale, -m_ref));
+      s[n][2 * h + 1] = exp2f(fmaf(s[n][2 * h + 1], scale, -m_ref));
+      st.d[h] += s[n][2 * h] + s[n][2 * h + 1];
+    }
+  }
+}
+
+// One tile's scores of the 16 rows from row0 against KEYS keys from first_key: masked where this
+// block needs it (it crosses the key range's end, the causal diagonal, the window's edge, or
+// has a partial custom mask tile), then folded into the rows' online softmax.
+template <int HEAD_DIM, int KEYS>
+__device__ __forceinline__ void softmax_block(float (&s)[KEYS / 8][4], RowsState<HEAD_DIM>& st,
+                                              const AttentionParams& p, const WorkItem& w,
+                                              int row0, int first_key, int mask_class,
+                                              float logits_scale) {
+  const int last_row = max(w.valid_rows - 1, 0);
+  const int first_query = w.q_start + min(row0, last_row) / p.group_size;
+  const int last_query = w.q_start + min(row0 + 15, last_row) / p.group_size;
+  const int last_key = first_key + KEYS - 1;
+  const bool masked = last_key >= w.kv_end || mask_class == 2 ||
+                      (p.causal && last_key > first_query + w.diag) ||
+                      (p.window_left >= 0 && first_key < last_query + w.diag - p.window_left);
+  scores_to_logits<KEYS>(s, p, masked, mask_class == 2, first_key, w.kv_end, row0, w.q_start,
+                         w.diag, w.request, w.qo_len, w.kv_len);
+  online_softmax<HEAD_DIM, KEYS>(s, st, logits_scale);
+}
+
+template <int HEAD_DIM>
+__device__ __forceinline__ void init_rows(RowsState<HEAD_DIM>& st) {
+#pragma unroll
+  for (int n = 0; n < HEAD_DIM / 8; ++n) st.o[n][0] = st.o[n][1] = st.o[n][2] = st.o[n][3] = 0.f;
+  st.m[0] = st.m[1] = NEG_INF;
+  st.d[0] = st.d[1] = 0.f;
+}
+
+// Whole-row denominators: the four threads of a quad hold disjoint keys of the same rows.
+template <int HEAD_DIM>
+__device__ __forceinline__ void sum_row_denominators(RowsState<HEAD_DIM>& st) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    st.d[h] += __shfl_xor_sync(0xffffffff, st.d[h], 1);
+    st.d[h] += __shfl_xor_sync(0xffffffff, st.d[h], 2);
+  }
+}
+
+// Normalise the two rows a thread holds (g and g + 8 of the 16 from row0, denominators summed)
+// and write them: to out and lse, or as the fp32 partial states of a split-KV item. Rows past
+// the item's valid rows are padding; a row that saw no key gives 0 and lse -inf.
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ void store_rows(const AttentionParams& p, const WorkItem& w, int row0,
+                                           const RowsState<HEAD_DIM>& st) {
+  const int lane = threadIdx.x % 32, dim0 = 2 * (lane % 4), group = p.group_size;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = row0 + lane / 4 + 8 * h;
+    if (r >= w.valid_rows) continue;
+    const int head = w.head_block * group + r % group;
+    const bool empty = st.d[h] == 0.f;
+    const float inv_d = empty ? 0.f : 1.f / st.d[h];
+    const float lse = empty ? NEG_INF : (st.m[h] + log2f(st.d[h])) * LN2;
+    if (p.partial_o != nullptr) {
+      const long long state = p.item_state[w.item] + (r / group) * p.item_state_stride[w.item];
+      const long long row = state * p.num_qo_heads + head;
+#pragma unroll
+      for (int n = 0; n < HEAD_DIM / 8; ++n)
+        store_pair<float>(p.partial_o + row * HEAD_DIM + n * 8 + dim0, st.o[n][2 * h] * inv_d,
+                          st.o[n][2 * h + 1] * inv_d);
+      if (lane % 4 == 0) p.partial_lse[row] = lse;
+    } else {
+      const long long row =
+          static_cast<long long>(w.qo_begin + w.q_start + r / group) * p.num_qo_heads + head;
+      T* o = static_cast<T*>(p.o);
+#pragma unroll
+      for (int n = 0; n < HEAD_DIM / 8; ++n)
+        store_pair<T>(o + row * HEAD_DIM + n * 8 + dim0, st.o[n][2 * h] * inv_d,
+                      st.o[n][2 * h + 1] * inv_d);
+      if (lane % 4 == 0 && p.lse != nullptr) p.lse[row] = lse;
+    }
+  }
+}
+
+}  // namespace cpattn

@@ -1,0 +1,130 @@
+// wgmma.cuh: Hopper (sm_90a) warpgroup matrix products and the shared-memory layout they read.
+//
+// A warpgroup (4 consecutive warps, the first a multiple of 4) computes D[64 x N] += A[64 x 16]
+// B[16 x N] with wgmma.mma_async. D is fp32 in registers, laid out as 4 mma.sync C fragments
+// stacked: warp i of the group holds rows 16i..16i+15, and d[n][e] of a thread is the C fragment
+// element e of columns 8n..8n+7 (mma.cuh). A comes from shared memory (a descriptor) or from
+// registers in mma.sync's A fragment layout; B always from shared memory.
+//
+// Tiles in shared memory use the 128-byte swizzle (SwizzledBlocks): a tile of ROWS rows of 16-bit
+// elements is cut into column blocks of 64 elements; block b holds rows at 128-byte strides
+// (ROWS * 128 bytes), and 16-byte chunk c of row r sits at chunk (c ^ r % 8) of its row, the
+// pattern the hardware applies on address bits [4, 7) ^ [7, 10) when a descriptor says "128B
+// swizzle". Blocks start 1024-byte aligned. The same tile serves as a K-major operand (rows are
+// M or N, the 64 elements along K: Q and K in Q K^T) and as an MN-major one (rows are K, elements
+// along N: V in P V, read transposed).
+#pragma once
+#include "common/mma.cuh"
+
+namespace cpattn {
+
+template <int ROWS>
+struct SwizzledBlocks {
+  static_assert(ROWS % 8 == 0, "128-byte swizzle atoms are 8 rows");
+  __device__ __forceinline__ static int at(int row, int chunk) {
+    return (chunk >> 3) * ROWS * 8 + row * 8 + ((chunk & 7) ^ (row & 7));
+  }
+};
+
+// Shared-memory matrix descriptor (PTX ISA, "matrix descriptor"): start address, leading and
+// stride byte offsets (all >> 4), and the 128B swizzle mode in bits 62-63.
+//   K-major (SwizzledBlocks rows are M / N): stride = 1024 (next 8 rows); leading unused.
+//   MN-major (rows are K): stride = 1024 (next 8 k), leading = bytes between 64-wide N blocks.
+__device__ __forceinline__ unsigned long long smem_desc(const void* start, unsigned leading_bytes,
+                                                        unsigned stride_bytes) {
+  const unsigned long long addr = smem_addr(start);
+  return ((addr & 0x3FFFF) >> 4) | (static_cast<unsigned long long>((leading_bytes >> 4) & 0x3FFF) << 16) |
+         (static_cast<unsigned long long>((stride_bytes >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+// Order: wgmma_fence() before the first product of a batch (and after registers it reads or
+// accumulates into were written); wgmma_commit() after the batch; wgmma_wait<N>() until at most
+// N batches are in flight; then fence_operands() on the results before reading them.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+}
+// The registers of d are (re)defined here for the compiler: reads of them stay after the wait.
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&d)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[n][e]) :: "memory");
+}
+// Shared memory written through the generic proxy (cp.async, stores), read next by wgmma
+// (async proxy): each writing thread fences before the barrier that publishes it.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+#define CPATTN_ACC4(d, n) "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])
+#define CPATTN_ACC32(d, n)                                                                   \
+  CPATTN_ACC4(d, n), CPATTN_ACC4(d, n + 1), CPATTN_ACC4(d, n + 2), CPATTN_ACC4(d, n + 3),   \
+      CPATTN_ACC4(d, n + 4), CPATTN_ACC4(d, n + 5), CPATTN_ACC4(d, n + 6), CPATTN_ACC4(d, n + 7)
+#define CPATTN_REGS32                                                                         \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define CPATTN_REGS64                                                                         \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "  \
+  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "  \
+  "%56, %57, %58, %59, %60, %61, %62, %63}"
+
+// D (+)= A B, A [64 x 16] and B [16 x N] both K-major in shared memory; accumulate = false
+// overwrites D (no zeroing needed).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], unsigned long long desc_a,
+                                         unsigned long long desc_b, bool accumulate);
+
+// D += A B, A [64 x 16] from registers (mma.sync's A fragment of the warp's 16 rows), B [16 x N]
+// MN-major in shared memory (read transposed).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const unsigned (&a)[4],
+                                         unsigned long long desc_b);
+
+#define CPATTN_DEFINE_WGMMA(TYPE, PTX_TYPES)                                                   \
+  template <>                                                                                  \
+  __device__ __forceinline__ void wgmma_ss<TYPE, 64>(float (&d)[8][4], unsigned long long desc_a, \
+                                                     unsigned long long desc_b, bool accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                 \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32" PTX_TYPES " " CPATTN_REGS32        \
+                 ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                              \
+                 : CPATTN_ACC32(d, 0) : "l"(desc_a), "l"(desc_b), "r"(accumulate ? 1 : 0));    \
+  }                                                                                            \
+  template <>                                                                                  \
+  __device__ __forceinline__ void wgmma_ss<TYPE, 128>(float (&d)[16][4], unsigned long long desc_a, \
+                                                      unsigned long long desc_b, bool accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                 \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32" PTX_TYPES " " CPATTN_REGS64       \
+                 ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                              \
+                 : CPATTN_ACC32(d, 0), CPATTN_ACC32(d, 8)                                      \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate ? 1 : 0));                         \
+  }                                                                                            \
+  template <>                                                                                  \
+  __device__ __forceinline__ void wgmma_rs<TYPE, 64>(float (&d)[8][4], const unsigned (&a)[4], \
+                                                     unsigned long long desc_b) {              \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                 \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32" PTX_TYPES " " CPATTN_REGS32        \
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                \
+                 : CPATTN_ACC32(d, 0)                                                          \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));           \
+  }                                                                                            \
+  template <>                                                                                  \
+  __device__ __forceinline__ void wgmma_rs<TYPE, 128>(float (&d)[16][4], const unsigned (&a)[4], \
+                                                      unsigned long long desc_b) {             \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                 \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32" PTX_TYPES " " CPATTN_REGS64       \
+                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                \
+                 : CPATTN_ACC32(d, 0), CPATTN_ACC32(d, 8)                                      \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));           \
+  }
+
+CPATTN_DEFINE_WGMMA(half, ".f16.f16")
+CPATTN_DEFINE_WGMMA(__nv_bfloat16, ".bf16.bf16")
+
+}  // namespace cpattn
