@@ -69,6 +69,8 @@ batch_attention_kernel(const AttentionParams p) {
   const float logits_scale = p.soft_cap_log2 > 0.f ? 1.f : p.logits_scale;
 
   for (int t = 0; t < num_tiles; ++t) {
+    // The next tile is issued before waiting for this one: STAGES tiles in flight while waiting
+    // (memory-bound decode wants the bytes in flight), at the cost of a second barrier a tile.
     if (t + STAGES - 1 < num_tiles) {
       const int stage = (t + STAGES - 1) % STAGES;
       kv.issue(t + STAGES - 1, k_tiles + stage * TILE * CHUNKS, v_tiles + stage * TILE * CHUNKS);

@@ -65,6 +65,10 @@ batch_attention_sm90_kernel(const AttentionParams p) {
   const uint4* q_rows = q_tile + group_of_warp * 64 * 8;
 
   for (int t = 0; t < num_tiles; ++t) {
+    cp_async_wait<STAGES - 2>();  // tile t (and Q) landed: later groups are t + 1 .. t + STAGES - 2
+    fence_proxy_async();
+    __syncthreads();  // ... for every thread, and every thread is done with tile t - 1:
+    // its stage takes tile t + STAGES - 1.
     if (t + STAGES - 1 < num_tiles) {
       const int stage = (t + STAGES - 1) % STAGES;
       kv.issue(t + STAGES - 1, k_tiles + stage * TILE * CHUNKS, v_tiles + stage * TILE * CHUNKS);
@@ -72,16 +76,10 @@ batch_attention_sm90_kernel(const AttentionParams p) {
     } else {
       kv.skip();
     }
-    cp_async_wait<STAGES - 1>();  // tile t (and Q) landed
-    fence_proxy_async();
-    __syncthreads();
     const uint4* k_tile = k_tiles + (t % STAGES) * TILE * CHUNKS;
     const uint4* v_tile = v_tiles + (t % STAGES) * TILE * CHUNKS;
     const int mask_class = tiles.mask_class(p, t);
-    if (mask_class == 0) {
-      __syncthreads();  // keep the pipeline's barrier count: the stage is refilled next
-      continue;
-    }
+    if (mask_class == 0) continue;
 
     // S = Q K^T: k-step kk reads dims [16 kk, 16 kk + 16): block kk / 4, 32 bytes into its rows.
     float s[TILE / 8][4];
@@ -116,7 +114,6 @@ batch_attention_sm90_kernel(const AttentionParams p) {
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(st.o);
-    __syncthreads();  // the stage is refilled by the next iteration's load
   }
   cp_async_wait<0>();
 

@@ -86,28 +86,23 @@ struct KVTiles {
     }
   }
 
-  __device__ __forceinline__ void issue_rows(int tile, uint4* dst, const void* src,
-                                             long long stride_page, long long stride_slot,
-                                             long long stride_head) {
-    const T* base = static_cast<const T*>(src);
+  // One commit group: K of `tile` into k_tile and V into v_tile (its pages fetched before).
+  __device__ __forceinline__ void issue(int tile, uint4* k_tile, uint4* v_tile) {
+    const T* k = static_cast<const T*>(p.k);
+    const T* v = static_cast<const T*>(p.v);
 #pragma unroll
     for (int i = 0; i < KEYS_PER_THREAD; ++i) {
       const int r = copy_row + i * ROW_STEP, key = kv_begin + tile * TILE + r;
       const bool valid = key < kv_end;
       // NOTE: 64-bit offsets: page * stride_page passes 2^31 elements in pools over 4 GB.
       const long long slot = paged ? key % p.page_size : ragged_row + key;
-      const long long offset = pages[i] * stride_page + slot * stride_slot + kv_head * stride_head;
-      cp_async_16(dst + Layout::at(r, copy_chunk), base + (valid ? offset : 0) + copy_chunk * 8,
-                  valid);
+      const long long page = pages[i];
+      const long long k_off = page * p.k_stride_page + slot * p.k_stride_slot + kv_head * p.k_stride_head;
+      const long long v_off = page * p.v_stride_page + slot * p.v_stride_slot + kv_head * p.v_stride_head;
+      const int at = Layout::at(r, copy_chunk);
+      cp_async_16(k_tile + at, k + (valid ? k_off : 0) + copy_chunk * 8, valid);
+      cp_async_16(v_tile + at, v + (valid ? v_off : 0) + copy_chunk * 8, valid);
     }
-  }
-
-  // One commit group: K of `tile` into k_tile and V into v_tile (its pages fetched before).
-  // (K and V in two groups, so that Q K^T waits for K alone, cost decode 20%: one more barrier
-  // a tile.)
-  __device__ __forceinline__ void issue(int tile, uint4* k_tile, uint4* v_tile) {
-    issue_rows(tile, k_tile, p.k, p.k_stride_page, p.k_stride_slot, p.k_stride_head);
-    issue_rows(tile, v_tile, p.v, p.v_stride_page, p.v_stride_slot, p.v_stride_head);
     cp_async_commit();
   }
 
