@@ -155,7 +155,7 @@ def ctas_per_sm(cfg, head_dim: int) -> int:
     """CTAs of these tiles resident on one SM: decode tiles are capped by shared memory (up to
     4), prefill tiles by their 255 registers a thread (2), Hopper's by their launch bounds (1)."""
     if isinstance(cfg, _tiles.HopperTileConfig):
-        return 1
+        return cfg.ctas
     by_smem = max(1, _SMEM_PER_SM // cfg.smem_bytes(head_dim))
     return min(4, by_smem) if cfg.warps_kv > 1 else min(2, by_smem)
 

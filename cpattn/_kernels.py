@@ -29,7 +29,7 @@ VARIANTS: dict[str, list[tuple[str, ...]]] = {
                     ("float", "half"), ("float", "__nv_bfloat16")],
     # batch_attention_kernel<T, HEAD_DIM, M_TILES, WARPS_Q, WARPS_KV, TILE, STAGES>: _tiles.py.
     "batch_attention": _tiles.attention_variants(),
-    # batch_attention_sm90_kernel<T, HEAD_DIM, WARPGROUPS, TILE, STAGES>: _tiles.py (sm_90a).
+    # batch_attention_sm90_kernel<T, HEAD_DIM, WARPGROUPS, TILE, STAGES, CTAS>: _tiles.py (sm_90a).
     "batch_attention_sm90": _tiles.hopper_variants(),
     # mla_attention_kernel<T, M_TILES, WARPS, TILE, STAGES>: _tiles.py.
     "mla_attention": _tiles.mla_variants(),

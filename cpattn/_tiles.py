@@ -55,12 +55,14 @@ DECODE = {64: TileConfig(1, 1, 4, 64, 2), 128: TileConfig(1, 1, 4, 64, 2),
 
 @dataclass(frozen=True)
 class HopperTileConfig:
-    """``batch_attention_sm90_kernel<T, HEAD_DIM, WARPGROUPS, TILE, STAGES>`` (wgmma, sm_90a): a
-    CTA holds ``64 * warpgroups`` packed rows, 64 per warpgroup; keys stream ``TILE`` at a time
-    through ``STAGES`` buffers. Same planning interface as TileConfig."""
+    """``batch_attention_sm90_kernel<T, HEAD_DIM, WARPGROUPS, TILE, STAGES, CTAS>`` (wgmma,
+    sm_90a): a CTA holds ``64 * warpgroups`` packed rows, 64 per warpgroup; keys stream ``TILE``
+    at a time through ``STAGES`` buffers; registers are capped so that ``CTAS`` CTAs fit an SM.
+    Same planning interface as TileConfig."""
     warpgroups: int
     tile: int
     stages: int
+    ctas: int = 1  #: CTAs resident per SM the registers are capped for (launch bounds)
     op = "batch_attention_sm90"
     warps_kv = 1
 
@@ -78,12 +80,13 @@ class HopperTileConfig:
         return self.rows * row + 2 * self.stages * self.tile * row
 
     def targs(self, ctype: str, head_dim: int) -> tuple[str, ...]:
-        return (ctype, str(head_dim), str(self.warpgroups), str(self.tile), str(self.stages))
+        return (ctype, str(head_dim), str(self.warpgroups), str(self.tile), str(self.stages),
+                str(self.ctas))
 
 
-#: Hopper prefill: two warpgroups of 64 rows (one at head_dim 256, for registers).
-PREFILL_SM90 = {64: HopperTileConfig(2, 128, 2), 128: HopperTileConfig(2, 128, 2),
-                256: HopperTileConfig(1, 64, 2)}
+#: Hopper prefill: two warpgroups of 64 rows (one at head_dim 256, for registers), three stages.
+PREFILL_SM90 = {64: HopperTileConfig(2, 128, 3), 128: HopperTileConfig(2, 64, 3),
+                256: HopperTileConfig(1, 64, 3)}
 
 
 def hopper_variants() -> list[tuple[str, ...]]:

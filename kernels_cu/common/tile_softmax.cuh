@@ -53,12 +53,17 @@ __device__ __forceinline__ void scores_to_logits(float (&s)[WARP_KEYS / 8][4], c
   }
 }
 
-// Online softmax over one tile: new maxima, rescale O and d, scores -> probabilities in place.
-// `scale` turns scores into log2-domain logits (1 when the soft cap already did); the running
-// maxima st.m are kept in that domain.
+// Online softmax over one tile, in two phases (a Hopper kernel issues its next Q K^T between
+// them: O must not change while a product accumulating into it may be in flight). `scale` turns
+// scores into log2-domain logits (1 when the soft cap already did); the running maxima st.m are
+// kept in that domain.
+// Phase 1: new row maxima from the tile's (masked) scores; O and d rescaled to them. m_ref gets
+// the maxima to subtract: a row that has seen no visible key keeps m = -inf and subtracts 0
+// instead, so that exp2(-inf - m) is 0 and never exp2(-inf + inf) = NaN.
 template <int HEAD_DIM, int WARP_KEYS>
-__device__ __forceinline__ void online_softmax(float (&s)[WARP_KEYS / 8][4], RowsState<HEAD_DIM>& st,
-                                               float scale) {
+__device__ __forceinline__ void softmax_rescale(const float (&s)[WARP_KEYS / 8][4],
+                                                RowsState<HEAD_DIM>& st, float scale,
+                                                float (&m_ref)[2]) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float tile_max = NEG_INF;
@@ -67,10 +72,8 @@ __device__ __forceinline__ void online_softmax(float (&s)[WARP_KEYS / 8][4], Row
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
     const float m_new = fmaxf(st.m[h], tile_max * scale);  // scale > 0: max commutes with it
-    // A row that has seen no visible key keeps m = -inf: subtract 0 instead, so that
-    // exp2(-inf - m) is 0 and never exp2(-inf + inf) = NaN.
-    const float m_ref = m_new == NEG_INF ? 0.f : m_new;
-    const float rescale = exp2f(st.m[h] - m_ref);
+    m_ref[h] = m_new == NEG_INF ? 0.f : m_new;
+    const float rescale = exp2f(st.m[h] - m_ref[h]);
     st.m[h] = m_new;
     st.d[h] *= rescale;
     // Once the maxima settle most tiles leave them unchanged: skip the multiply by 1 when no row
@@ -82,23 +85,38 @@ __device__ __forceinline__ void online_softmax(float (&s)[WARP_KEYS / 8][4], Row
         st.o[n][2 * h + 1] *= rescale;
       }
     }
-#pragma unroll
-    for (int n = 0; n < WARP_KEYS / 8; ++n) {
-      s[n][2 * h] = exp2f(fmaf(s[n][2 * h], scale, -m_ref));
-      s[n][2 * h + 1] = exp2f(fmaf(s[n][2 * h + 1], scale, -m_ref));
-      st.d[h] += s[n][2 * h] + s[n][2 * h + 1];
-    }
   }
 }
 
-// One tile's scores of the 16 rows from row0 against KEYS keys from first_key: masked where this
-// block needs it (it crosses the key range's end, the causal diagonal, the window's edge, or
-// has a partial custom mask tile), then folded into the rows' online softmax.
-template <int HEAD_DIM, int KEYS>
-__device__ __forceinline__ void softmax_block(float (&s)[KEYS / 8][4], RowsState<HEAD_DIM>& st,
-                                              const AttentionParams& p, const WorkItem& w,
-                                              int row0, int first_key, int mask_class,
-                                              float logits_scale) {
+// Phase 2: scores -> probabilities in place, added into this thread's part of the denominators.
+template <int WARP_KEYS>
+__device__ __forceinline__ void softmax_exponentiate(float (&s)[WARP_KEYS / 8][4], float (&d)[2],
+                                                     const float (&m_ref)[2], float scale) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int n = 0; n < WARP_KEYS / 8; ++n) {
+      s[n][2 * h] = exp2f(fmaf(s[n][2 * h], scale, -m_ref[h]));
+      s[n][2 * h + 1] = exp2f(fmaf(s[n][2 * h + 1], scale, -m_ref[h]));
+      d[h] += s[n][2 * h] + s[n][2 * h + 1];
+    }
+}
+
+template <int HEAD_DIM, int WARP_KEYS>
+__device__ __forceinline__ void online_softmax(float (&s)[WARP_KEYS / 8][4], RowsState<HEAD_DIM>& st,
+                                               float scale) {
+  float m_ref[2];
+  softmax_rescale<HEAD_DIM, WARP_KEYS>(s, st, scale, m_ref);
+  softmax_exponentiate<WARP_KEYS>(s, st.d, m_ref, scale);
+}
+
+// One tile's scores of the 16 rows from row0 against KEYS keys from first_key, masked where
+// this block needs it: it crosses the key range's end, the causal diagonal, the window's edge,
+// or has a partial custom mask tile.
+template <int KEYS>
+__device__ __forceinline__ void mask_block(float (&s)[KEYS / 8][4], const AttentionParams& p,
+                                           const WorkItem& w, int row0, int first_key,
+                                           int mask_class) {
   const int last_row = max(w.valid_rows - 1, 0);
   const int first_query = w.q_start + min(row0, last_row) / p.group_size;
   const int last_query = w.q_start + min(row0 + 15, last_row) / p.group_size;
@@ -108,6 +126,15 @@ __device__ __forceinline__ void softmax_block(float (&s)[KEYS / 8][4], RowsState
                       (p.window_left >= 0 && first_key < last_query + w.diag - p.window_left);
   scores_to_logits<KEYS>(s, p, masked, mask_class == 2, first_key, w.kv_end, row0, w.q_start,
                          w.diag, w.request, w.qo_len, w.kv_len);
+}
+
+// mask_block, then the tile folded into the rows' online softmax.
+template <int HEAD_DIM, int KEYS>
+__device__ __forceinline__ void softmax_block(float (&s)[KEYS / 8][4], RowsState<HEAD_DIM>& st,
+                                              const AttentionParams& p, const WorkItem& w,
+                                              int row0, int first_key, int mask_class,
+                                              float logits_scale) {
+  mask_block<KEYS>(s, p, w, row0, first_key, mask_class);
   online_softmax<HEAD_DIM, KEYS>(s, st, logits_scale);
 }
 
