@@ -66,8 +66,13 @@ batch_attention_sm90_kernel(const AttentionParams p) {
   init_rows(st);
   const int row0 = warp * 16;  // = 64 * group_of_warp + 16 * (warp % 4)
   const float logits_scale = p.soft_cap_log2 > 0.f ? 1.f : p.logits_scale;
-  // Q of this warpgroup: its 64 rows of each 64-dim block (8 rows of 128 bytes = 1024 apart).
+  // Q of this warpgroup: its 64 rows of each 64-dim block (8 rows of 128 bytes = 1024 apart),
+  // read by each Q K^T from shared memory, or once into registers (A fragments of the warp's 16
+  // rows) where they fit: shared memory then serves K alone.
   const uint4* q_rows = q_tile + group_of_warp * 64 * 8;
+  constexpr bool Q_IN_REGISTERS = HEAD_DIM <= 128;
+  unsigned q_frag[Q_IN_REGISTERS ? HEAD_DIM / 16 : 1][4];
+  const int lane = threadIdx.x % 32;
 
   // S = Q K^T of tile t into s: k-step kk reads dims [16 kk, 16 kk + 16), block kk / 4, 32
   // bytes into its rows. Issued, not waited for.
@@ -77,8 +82,11 @@ batch_attention_sm90_kernel(const AttentionParams p) {
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
       const int block = kk / 4, chunk = (kk % 4) * 2;
-      wgmma_ss<T, TILE>(s, smem_desc(q_rows + block * ROWS * 8 + chunk, 16, 1024),
-                        smem_desc(k_tile + block * TILE * 8 + chunk, 16, 1024), kk > 0);
+      const unsigned long long k_desc = smem_desc(k_tile + block * TILE * 8 + chunk, 16, 1024);
+      if constexpr (Q_IN_REGISTERS)
+        Wgmma<T, TILE>::template rs<0>(s, q_frag[kk], k_desc, kk > 0);
+      else
+        Wgmma<T, TILE>::ss(s, smem_desc(q_rows + block * ROWS * 8 + chunk, 16, 1024), k_desc, kk > 0);
     }
     wgmma_commit();
   };
@@ -94,8 +102,9 @@ batch_attention_sm90_kernel(const AttentionParams p) {
 #pragma unroll
       for (int n = 0; n < HEAD_DIM / PV_N; ++n) {
         float(&o)[PV_N / 8][4] = *reinterpret_cast<float(*)[PV_N / 8][4]>(&st.o[n * PV_N / 8]);
-        wgmma_rs<T, PV_N>(o, a, smem_desc(v_tile + (n * PV_N / 64) * TILE * 8 + kt * 16 * 8,
-                                          TILE * 128, 1024));
+        Wgmma<T, PV_N>::template rs<1>(
+            o, a, smem_desc(v_tile + (n * PV_N / 64) * TILE * 8 + kt * 16 * 8, TILE * 128, 1024),
+            true);
       }
     }
     wgmma_commit();
@@ -147,6 +156,11 @@ batch_attention_sm90_kernel(const AttentionParams p) {
   cp_async_wait<STAGES - 2>();  // tile 0 and Q landed
   fence_proxy_async();
   __syncthreads();
+  if constexpr (Q_IN_REGISTERS) {
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+      ldmatrix_x4(q_frag[kk], q_tile + SwizzledBlocks<ROWS>::at(row0 + lane % 16, kk * 2 + lane / 16));
+  }
   if (num_tiles > 0 && tiles.mask_class(p, 0) != 0) {
     issue_scores(0, s_even);
     wgmma_wait<0>();

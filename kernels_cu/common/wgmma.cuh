@@ -75,56 +75,41 @@ __device__ __forceinline__ void fence_proxy_async() {
   "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "  \
   "%56, %57, %58, %59, %60, %61, %62, %63}"
 
-// D (+)= A B, A [64 x 16] and B [16 x N] both K-major in shared memory; accumulate = false
-// overwrites D (no zeroing needed).
-template <typename T, int N>
-__device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], unsigned long long desc_a,
-                                         unsigned long long desc_b, bool accumulate);
+// D (+)= A B for A [64 x 16] and B [16 x N], B in shared memory (K-major, or MN-major read
+// transposed when TRANS_B), A in shared memory (K-major: ss) or in registers (mma.sync's A
+// fragment of the warp's 16 rows: rs). accumulate = false overwrites D (no zeroing needed).
+template <typename T, int N> struct Wgmma;
 
-// D += A B, A [64 x 16] from registers (mma.sync's A fragment of the warp's 16 rows), B [16 x N]
-// MN-major in shared memory (read transposed).
-template <typename T, int N>
-__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const unsigned (&a)[4],
-                                         unsigned long long desc_b);
+// One specialisation per element type and N; the operand numbers follow the N / 2 accumulators.
+#define CPATTN_DEFINE_WGMMA(TYPE, PTX_TYPES, N, REGS, ACC, SS_PRED, SS_ARGS, RS_PRED, RS_ARGS)  \
+  template <>                                                                                  \
+  struct Wgmma<TYPE, N> {                                                                      \
+    __device__ __forceinline__ static void ss(float (&d)[N / 8][4], unsigned long long desc_a, \
+                                              unsigned long long desc_b, bool accumulate) {    \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SS_PRED ", 0;\n"                        \
+                   "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32" PTX_TYPES " " REGS SS_ARGS  \
+                   ";\n}\n"                                                                     \
+                   : ACC : "l"(desc_a), "l"(desc_b), "r"(accumulate ? 1 : 0));                 \
+    }                                                                                          \
+    template <int TRANS_B>                                                                     \
+    __device__ __forceinline__ static void rs(float (&d)[N / 8][4], const unsigned (&a)[4],    \
+                                              unsigned long long desc_b, bool accumulate) {    \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " RS_PRED ", 0;\n"                        \
+                   "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32" PTX_TYPES " " REGS RS_ARGS  \
+                   ";\n}\n"                                                                     \
+                   : ACC                                                                       \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b),                  \
+                     "r"(accumulate ? 1 : 0), "n"(TRANS_B));                                   \
+    }                                                                                          \
+  };
+#define CPATTN_ACC64(d) CPATTN_ACC32(d, 0), CPATTN_ACC32(d, 8)
+#define CPATTN_DEFINE_WGMMA_TYPE(TYPE, PTX_TYPES)                                               \
+  CPATTN_DEFINE_WGMMA(TYPE, PTX_TYPES, 64, CPATTN_REGS32, CPATTN_ACC32(d, 0), "%34",           \
+                      ", %32, %33, p, 1, 1, 0, 0", "%37", ", {%32, %33, %34, %35}, %36, p, 1, 1, %38") \
+  CPATTN_DEFINE_WGMMA(TYPE, PTX_TYPES, 128, CPATTN_REGS64, CPATTN_ACC64(d), "%66",             \
+                      ", %64, %65, p, 1, 1, 0, 0", "%69", ", {%64, %65, %66, %67}, %68, p, 1, 1, %70")
 
-#define CPATTN_DEFINE_WGMMA(TYPE, PTX_TYPES)                                                   \
-  template <>                                                                                  \
-  __device__ __forceinline__ void wgmma_ss<TYPE, 64>(float (&d)[8][4], unsigned long long desc_a, \
-                                                     unsigned long long desc_b, bool accumulate) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                 \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32" PTX_TYPES " " CPATTN_REGS32        \
-                 ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                              \
-                 : CPATTN_ACC32(d, 0) : "l"(desc_a), "l"(desc_b), "r"(accumulate ? 1 : 0));    \
-  }                                                                                            \
-  template <>                                                                                  \
-  __device__ __forceinline__ void wgmma_ss<TYPE, 128>(float (&d)[16][4], unsigned long long desc_a, \
-                                                      unsigned long long desc_b, bool accumulate) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                 \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32" PTX_TYPES " " CPATTN_REGS64       \
-                 ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                              \
-                 : CPATTN_ACC32(d, 0), CPATTN_ACC32(d, 8)                                      \
-                 : "l"(desc_a), "l"(desc_b), "r"(accumulate ? 1 : 0));                         \
-  }                                                                                            \
-  template <>                                                                                  \
-  __device__ __forceinline__ void wgmma_rs<TYPE, 64>(float (&d)[8][4], const unsigned (&a)[4], \
-                                                     unsigned long long desc_b) {              \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                 \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32" PTX_TYPES " " CPATTN_REGS32        \
-                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                \
-                 : CPATTN_ACC32(d, 0)                                                          \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));           \
-  }                                                                                            \
-  template <>                                                                                  \
-  __device__ __forceinline__ void wgmma_rs<TYPE, 128>(float (&d)[16][4], const unsigned (&a)[4], \
-                                                      unsigned long long desc_b) {             \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                 \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32" PTX_TYPES " " CPATTN_REGS64       \
-                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                \
-                 : CPATTN_ACC32(d, 0), CPATTN_ACC32(d, 8)                                      \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));           \
-  }
-
-CPATTN_DEFINE_WGMMA(half, ".f16.f16")
-CPATTN_DEFINE_WGMMA(__nv_bfloat16, ".bf16.bf16")
+CPATTN_DEFINE_WGMMA_TYPE(half, ".f16.f16")
+CPATTN_DEFINE_WGMMA_TYPE(__nv_bfloat16, ".bf16.bf16")
 
 }  // namespace cpattn
