@@ -434,7 +434,7 @@ class Launcher:
         self.params = params
         self._pointers = params.reshape(1).view(np.uint64)[:5]  # q, k, v, o, lse: the first fields
         self.num_kv_heads = num_kv_heads
-        # One grid dimension, item-major: the kernel takes (item, kv head) from blockIdx.x.
+        # One grid dimension: the kernel takes (item, kv head) from blockIdx.x (work_item.cuh).
         self.launch = DirectLaunch(_attention_kernel(cfg, dtype, head_dim),
                                    (grid_items * num_kv_heads,), (cfg.threads,),
                                    cfg.smem_bytes(head_dim), [params])

@@ -1,7 +1,8 @@
 // batch_attention: softmax(q k^T * sm_scale) v for a batch of requests over ragged or paged keys,
 // on tensor cores (mma.sync m16n8k16, fp32 accumulate). Prefill, chunked prefill and decode alike.
 //
-// Grid: (work item of the plan, kv head), one dimension, item-major (common/work_item.cuh).
+// Grid: (work item of the plan, kv head), one dimension: head-major for prefill tiles, item-major
+// for decode tiles (common/work_item.cuh).
 // Block: WARPS_Q x WARPS_KV warps. A CTA owns ROWS = 16 * M_TILES * WARPS_Q packed rows: row r is query
 // q_start + r / group of its request, for query head kv_head * group + r % group, so each K/V tile
 // brought into shared memory serves the whole GQA group (decode: the group's heads are the rows).
@@ -37,7 +38,8 @@ batch_attention_kernel(const AttentionParams p) {
   static_assert(M_TILES == 1 || WARPS_KV == 1, "warps split rows or keys, not both");
 
   WorkItem w;
-  if (!load_work_item<ROWS>(p, p.num_qo_heads / p.group_size, w)) return;
+  // Prefill tiles (one warp column) head-major, decode tiles item-major.
+  if (!load_work_item<ROWS, WARPS_KV == 1>(p, p.num_qo_heads / p.group_size, w)) return;
   const KeyTiles<TILE> tiles(p, w);
   const int num_tiles = tiles.num_tiles;
 

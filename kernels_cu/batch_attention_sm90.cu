@@ -38,7 +38,7 @@ batch_attention_sm90_kernel(const AttentionParams p) {
   static_assert(STAGES >= 3, "tile t + 1 is in shared memory while tile t + 2 loads");
 
   WorkItem w;
-  if (!load_work_item<ROWS>(p, p.num_qo_heads / p.group_size, w)) return;
+  if (!load_work_item<ROWS, true>(p, p.num_qo_heads / p.group_size, w)) return;
   const KeyTiles<TILE> tiles(p, w);
   const int num_tiles = tiles.num_tiles;
 

@@ -1,8 +1,12 @@
 // work_item.cuh: what one CTA of an attention kernel is given to do, read from the plan.
 //
-// The grid is one-dimensional, item-major: CTA x runs head block x % head_blocks of work item
-// x / head_blocks (no 65535 limit on items; the head blocks of an item run side by side). An
-// item is (request, first query, key range); its CTA packs ROWS (query, head) rows: row r is
+// The grid is one-dimensional (no 65535 limit on items), in one of two orders:
+//   item-major: CTA x runs head block x % head_blocks of item x / head_blocks; the head blocks
+//     of an item run side by side (decode: an NHD token's heads are adjacent in memory);
+//   head-major: CTA x runs item x % items of head block x / items, items = gridDim.x /
+//     head_blocks; the CTAs running at once share a few heads' keys, which then stay in L2
+//     (prefill: every query tile of a head reads all of that head's keys).
+// An item is (request, first query, key range); its CTA packs ROWS (query, head) rows: row r is
 // query q_start + r / group_size of the request, for head head_block * group_size + r %
 // group_size.
 #pragma once
@@ -21,10 +25,16 @@ struct WorkItem {
 
 // Params: AttentionParams or MLAParams (the fields read here are named alike). False for a
 // spare CTA of a fixed grid (CUDA graphs): the plan has fewer items than the grid.
-template <int ROWS, typename Params>
+template <int ROWS, bool HEAD_MAJOR = false, typename Params>
 __device__ __forceinline__ bool load_work_item(const Params& p, int head_blocks, WorkItem& w) {
-  w.item = blockIdx.x / head_blocks;
-  w.head_block = blockIdx.x % head_blocks;
+  if (HEAD_MAJOR) {
+    const int items = gridDim.x / head_blocks;
+    w.item = blockIdx.x % items;
+    w.head_block = blockIdx.x / items;
+  } else {
+    w.item = blockIdx.x / head_blocks;
+    w.head_block = blockIdx.x % head_blocks;
+  }
   if (w.item >= *p.num_items) return false;
   w.request = p.item_request[w.item];
   w.q_start = p.item_q_start[w.item];
