@@ -5,15 +5,16 @@
 // batch_attention: row r is query q_start + r / group, head kv_head * group + r % group);
 // warpgroup g computes rows [64 g, 64 g + 64), warp i of it 16 of them, so each thread's S and O
 // registers are mma.sync C fragments and tile_softmax.cuh serves both kernels.
-// Per tile t of TILE keys:
-//   S [64 x TILE] = Q K^T: HEAD_DIM / 16 wgmma, Q and K both read from shared memory, issued
-//   for tile t + 1 before the softmax of tile t, so that the tensor cores and the ALUs overlap
-//   (S alternates between two register sets);
+// Per tile of TILE keys:
+//   S [64 x TILE] = Q K^T: HEAD_DIM / 16 wgmma, K read from shared memory, Q from registers
+//   (A fragments loaded once) up to head_dim 128, from shared memory beyond;
 //   mask + online softmax in registers (P stays where S was);
 //   O [64 x HEAD_DIM] += P V: TILE / 16 steps, P from registers, V read transposed.
 // Q, K and V arrive by cp.async in wgmma's swizzled layout (SwizzledBlocks) through STAGES
-// buffers (tile t + 1 resident, t + 2 in flight); keys past the item's range are zero-filled and
-// masked.
+// buffers, refilled right after the barrier that opens a tile; keys past the item's range are
+// zero-filled and masked. (Issuing S of tile t + 1 before the softmax of tile t, with two S
+// register sets, measured no faster: the loop is bound by instruction issue, not by waiting on
+// the tensor cores.)
 #include "common/dtypes.cuh"
 #include "common/mma.cuh"
 #include "common/wgmma.cuh"
@@ -24,7 +25,6 @@
 
 using namespace cpattn;
 
-template <bool B> struct Flag { static constexpr bool value = B; };
 
 template <typename T, int HEAD_DIM, int WARPGROUPS, int TILE, int STAGES, int CTAS>
 __global__ void __launch_bounds__(128 * WARPGROUPS, CTAS)
@@ -35,7 +35,7 @@ batch_attention_sm90_kernel(const AttentionParams p) {
   constexpr int PV_N = HEAD_DIM >= 128 ? 128 : 64;  // output dims of one P V wgmma
   static_assert(HEAD_DIM % 64 == 0, "head_dim must be a multiple of 64 (128-byte swizzle blocks)");
   static_assert(TILE == 64 || TILE == 128, "S = Q K^T is one wgmma wide (n 64 or 128)");
-  static_assert(STAGES >= 3, "tile t + 1 is in shared memory while tile t + 2 loads");
+  static_assert(STAGES >= 2, "cp.async pipeline needs two stages at least");
 
   WorkItem w;
   if (!load_work_item<ROWS, true>(p, p.num_qo_heads / p.group_size, w)) return;
@@ -75,25 +75,28 @@ batch_attention_sm90_kernel(const AttentionParams p) {
   const int lane = threadIdx.x % 32;
 
   // S = Q K^T of tile t into s: k-step kk reads dims [16 kk, 16 kk + 16), block kk / 4, 32
-  // bytes into its rows. Issued, not waited for.
-  auto issue_scores = [&](int t, float (&s)[TILE / 8][4]) {
-    const uint4* k_tile = k_tiles + (t % STAGES) * TILE * CHUNKS;
+  // bytes into its rows (descriptor addresses count 16 bytes).
+  auto scores = [&](int t, float (&s)[TILE / 8][4]) {
+    const unsigned long long k_desc = smem_desc(k_tiles + (t % STAGES) * TILE * CHUNKS, 16, 1024);
+    const unsigned long long q_desc = smem_desc(q_rows, 16, 1024);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
       const int block = kk / 4, chunk = (kk % 4) * 2;
-      const unsigned long long k_desc = smem_desc(k_tile + block * TILE * 8 + chunk, 16, 1024);
       if constexpr (Q_IN_REGISTERS)
-        Wgmma<T, TILE>::template rs<0>(s, q_frag[kk], k_desc, kk > 0);
+        Wgmma<T, TILE>::template rs<0>(s, q_frag[kk], k_desc + block * TILE * 8 + chunk, kk > 0);
       else
-        Wgmma<T, TILE>::ss(s, smem_desc(q_rows + block * ROWS * 8 + chunk, 16, 1024), k_desc, kk > 0);
+        Wgmma<T, TILE>::ss(s, q_desc + block * ROWS * 8 + chunk, k_desc + block * TILE * 8 + chunk,
+                           kk > 0);
     }
     wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(s);
   };
   // O += P V of tile t, P in s: keys [16 kt, 16 kt + 16) are 16 rows (2048 bytes) into V's
   // blocks; one wgmma covers PV_N output dims, PV_N / 64 blocks of TILE * 128 bytes each.
-  auto issue_values = [&](int t, const float (&s)[TILE / 8][4]) {
-    const uint4* v_tile = v_tiles + (t % STAGES) * TILE * CHUNKS;
+  auto values = [&](int t, const float (&s)[TILE / 8][4]) {
+    const unsigned long long v_desc = smem_desc(v_tiles + (t % STAGES) * TILE * CHUNKS, TILE * 128, 1024);
     wgmma_fence();
 #pragma unroll
     for (int kt = 0; kt < TILE / 16; ++kt) {
@@ -102,17 +105,24 @@ batch_attention_sm90_kernel(const AttentionParams p) {
 #pragma unroll
       for (int n = 0; n < HEAD_DIM / PV_N; ++n) {
         float(&o)[PV_N / 8][4] = *reinterpret_cast<float(*)[PV_N / 8][4]>(&st.o[n * PV_N / 8]);
-        Wgmma<T, PV_N>::template rs<1>(
-            o, a, smem_desc(v_tile + (n * PV_N / 64) * TILE * 8 + kt * 16 * 8, TILE * 128, 1024),
-            true);
+        Wgmma<T, PV_N>::template rs<1>(o, a, v_desc + (n * PV_N / 64) * TILE * 8 + kt * 16 * 8, true);
       }
     }
     wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(st.o);
   };
-  // Tile t, its scores already in s_cur: S of tile t + 1 runs on the tensor cores while the
-  // softmax of tile t runs on the ALUs; then P V of tile t; both waited for at the end.
-  auto step = [&](int t, float (&s_cur)[TILE / 8][4], float (&s_next)[TILE / 8][4]) {
-    cp_async_wait<STAGES - 3>();  // tile t + 1 landed: later groups are t + 2 .. t + STAGES - 2
+
+  cp_async_wait<STAGES - 2>();  // Q (and tile 0) landed
+  fence_proxy_async();
+  __syncthreads();
+  if constexpr (Q_IN_REGISTERS) {
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+      ldmatrix_x4(q_frag[kk], q_tile + SwizzledBlocks<ROWS>::at(row0 + lane % 16, kk * 2 + lane / 16));
+  }
+  for (int t = 0; t < num_tiles; ++t) {
+    cp_async_wait<STAGES - 2>();  // tile t landed: later groups are t + 1 .. t + STAGES - 2
     fence_proxy_async();
     __syncthreads();  // ... for every thread, and every thread is done with tile t - 1: its
     // stage takes tile t + STAGES - 1.
@@ -123,52 +133,13 @@ batch_attention_sm90_kernel(const AttentionParams p) {
     } else {
       kv.skip();
     }
-    // O is rescaled before the next S is issued: nothing may write the accumulators of a
-    // product between the first wgmma of a batch and its wait, or ptxas serialises them. For the
-    // same reason each branch below waits for its own products: none is in flight where the
-    // branches join, and whether S of tile t + 1 is issued is a compile-time branch of its own.
     const int mask_class = tiles.mask_class(p, t);
-    float m_ref[2];
-    if (mask_class != 0) {
-      mask_block<TILE>(s_cur, p, w, row0, tiles.kv_begin + t * TILE, mask_class);
-      softmax_rescale<HEAD_DIM, TILE>(s_cur, st, logits_scale, m_ref);
-    }
-    auto finish = [&](auto issue_next) {
-      if constexpr (decltype(issue_next)::value) issue_scores(t + 1, s_next);
-      if (mask_class != 0) {
-        softmax_exponentiate<TILE>(s_cur, st.d, m_ref, logits_scale);
-        issue_values(t, s_cur);
-        wgmma_wait<0>();
-        fence_operands(st.o);
-      } else {
-        wgmma_wait<0>();
-      }
-      fence_operands(s_next);
-    };
-    if (t + 1 < num_tiles && tiles.mask_class(p, t + 1) != 0) {
-      finish(Flag<true>());
-    } else {
-      finish(Flag<false>());
-    }
-  };
-
-  float s_even[TILE / 8][4], s_odd[TILE / 8][4];  // S of even and odd tiles
-  cp_async_wait<STAGES - 2>();  // tile 0 and Q landed
-  fence_proxy_async();
-  __syncthreads();
-  if constexpr (Q_IN_REGISTERS) {
-#pragma unroll
-    for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
-      ldmatrix_x4(q_frag[kk], q_tile + SwizzledBlocks<ROWS>::at(row0 + lane % 16, kk * 2 + lane / 16));
-  }
-  if (num_tiles > 0 && tiles.mask_class(p, 0) != 0) {
-    issue_scores(0, s_even);
-    wgmma_wait<0>();
-    fence_operands(s_even);
-  }
-  for (int t = 0; t < num_tiles; t += 2) {
-    step(t, s_even, s_odd);
-    if (t + 1 < num_tiles) step(t + 1, s_odd, s_even);
+    if (mask_class == 0) continue;
+    float s[TILE / 8][4];
+    scores(t, s);
+    softmax_block<HEAD_DIM, TILE>(s, st, p, w, row0, tiles.kv_begin + t * TILE, mask_class,
+                                  logits_scale);
+    values(t, s);
   }
   cp_async_wait<0>();
 

@@ -63,45 +63,58 @@ struct KVTiles {
 
   const AttentionParams& p;
   const int* page_table;   // the request's page ids (paged)
+  const T* k_head;         // the kv head's elements of K and V (+ this thread's chunk)
+  const T* v_head;
   long long ragged_row;    // the request's first key row (ragged)
-  int kv_head, kv_begin, kv_end, copy_chunk, copy_row;
+  int kv_begin, kv_end, copy_row;
+  int page_shift;          // log2(page_size) when it is a power of two, else -1
   bool paged;
   int pages[KEYS_PER_THREAD];
 
   __device__ __forceinline__ KVTiles(const AttentionParams& params, int request, int head,
                                      int begin, int end)
-      : p(params), kv_head(head), kv_begin(begin), kv_end(end) {
+      : p(params), kv_begin(begin), kv_end(end) {
     paged = p.kv_indices != nullptr;
     page_table = p.kv_indices + (paged ? p.kv_indptr[request] : 0);
     ragged_row = paged ? 0 : p.kv_indptr[request];
-    copy_chunk = threadIdx.x % CHUNKS;
+    const int chunk = threadIdx.x % CHUNKS;
     copy_row = threadIdx.x / CHUNKS;
+    k_head = static_cast<const T*>(p.k) + head * p.k_stride_head + chunk * 8;
+    v_head = static_cast<const T*>(p.v) + head * p.v_stride_head + chunk * 8;
+    page_shift = (p.page_size & (p.page_size - 1)) == 0 ? __ffs(p.page_size) - 1 : -1;
+  }
+
+  // Page-table index and slot of a key: a shift and a mask for power-of-two pages (uniform).
+  __device__ __forceinline__ int page_index(int key) const {
+    return page_shift >= 0 ? key >> page_shift : key / p.page_size;
+  }
+  __device__ __forceinline__ int page_slot(int key) const {
+    return page_shift >= 0 ? key & (p.page_size - 1) : key % p.page_size;
   }
 
   __device__ __forceinline__ void fetch_pages(int tile) {
 #pragma unroll
     for (int i = 0; i < KEYS_PER_THREAD; ++i) {
       const int key = kv_begin + tile * TILE + copy_row + i * ROW_STEP;
-      pages[i] = paged && key < kv_end ? __ldg(page_table + key / p.page_size) : 0;
+      pages[i] = paged && key < kv_end ? __ldg(page_table + page_index(key)) : 0;
     }
   }
 
   // One commit group: K of `tile` into k_tile and V into v_tile (its pages fetched before).
   __device__ __forceinline__ void issue(int tile, uint4* k_tile, uint4* v_tile) {
-    const T* k = static_cast<const T*>(p.k);
-    const T* v = static_cast<const T*>(p.v);
+    const int chunk = threadIdx.x % CHUNKS;
 #pragma unroll
     for (int i = 0; i < KEYS_PER_THREAD; ++i) {
       const int r = copy_row + i * ROW_STEP, key = kv_begin + tile * TILE + r;
       const bool valid = key < kv_end;
       // NOTE: 64-bit offsets: page * stride_page passes 2^31 elements in pools over 4 GB.
-      const long long slot = paged ? key % p.page_size : ragged_row + key;
+      const long long slot = paged ? page_slot(key) : ragged_row + key;
       const long long page = pages[i];
-      const long long k_off = page * p.k_stride_page + slot * p.k_stride_slot + kv_head * p.k_stride_head;
-      const long long v_off = page * p.v_stride_page + slot * p.v_stride_slot + kv_head * p.v_stride_head;
-      const int at = Layout::at(r, copy_chunk);
-      cp_async_16(k_tile + at, k + (valid ? k_off : 0) + copy_chunk * 8, valid);
-      cp_async_16(v_tile + at, v + (valid ? v_off : 0) + copy_chunk * 8, valid);
+      const long long k_off = page * p.k_stride_page + slot * p.k_stride_slot;
+      const long long v_off = page * p.v_stride_page + slot * p.v_stride_slot;
+      const int at = Layout::at(r, chunk);
+      cp_async_16(k_tile + at, k_head + (valid ? k_off : 0), valid);
+      cp_async_16(v_tile + at, v_head + (valid ? v_off : 0), valid);
     }
     cp_async_commit();
   }
