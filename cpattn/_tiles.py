@@ -85,7 +85,7 @@ class HopperTileConfig:
 
 
 #: Hopper prefill: two warpgroups of 64 rows (one at head_dim 256, for registers), three stages.
-PREFILL_SM90 = {64: HopperTileConfig(2, 128, 3), 128: HopperTileConfig(2, 128, 3),
+PREFILL_SM90 = {64: HopperTileConfig(2, 128, 2), 128: HopperTileConfig(2, 128, 2),
                 256: HopperTileConfig(1, 64, 3)}
 
 

@@ -70,7 +70,7 @@ batch_attention_sm90_kernel(const AttentionParams p) {
   // read by each Q K^T from shared memory, or once into registers (A fragments of the warp's 16
   // rows) where they fit: shared memory then serves K alone.
   const uint4* q_rows = q_tile + group_of_warp * 64 * 8;
-  constexpr bool Q_IN_REGISTERS = HEAD_DIM <= 128;
+  constexpr bool Q_IN_REGISTERS = HEAD_DIM <= 128 && TILE == 64;
   unsigned q_frag[Q_IN_REGISTERS ? HEAD_DIM / 16 : 1][4];
   const int lane = threadIdx.x % 32;
 
