@@ -62,6 +62,16 @@ def test_unregistered_variant_is_refused():
         _kernels.source("nope")
 
 
+def test_hopper_kernel_builds_for_sm90a_only():
+    assert _kernels.builds_for("batch_attention_sm90", "sm_90a")
+    assert not _kernels.builds_for("batch_attention_sm90", "sm_80")
+    assert not _kernels.builds_for("batch_attention_sm90", "sm_90")
+    assert _kernels.builds_for("batch_attention", "sm_80")
+    targs = _kernels.VARIANTS["batch_attention_sm90"][0]
+    with pytest.raises(_kernels.KernelError, match="builds for sm_90a only, not sm_80"):
+        _kernels.compile_offline("batch_attention_sm90", targs, "sm_80")
+
+
 def test_bad_arch_spelling():
     proc = _run("-m", "cpattn.compile", "--arch", "hopper")
     assert proc.returncode != 0 and "arch must look like sm_80 or sm_90a" in proc.stderr
