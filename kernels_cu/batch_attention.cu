@@ -52,17 +52,9 @@ batch_attention_kernel(const AttentionParams p) {
 
   using Layout = SwizzledRows<CHUNKS>;
   issue_q_rows<Layout, T, ROWS, CHUNKS, THREADS>(p, w, q_tile);
-  KVTiles<Layout, T, CHUNKS, THREADS, TILE> kv(p, w.request, w.head_block, tiles.kv_begin, w.kv_end);
-#pragma unroll
-  for (int t = 0; t < STAGES - 1; ++t) {  // prologue; Q travels in the first group
-    if (t < num_tiles) {
-      kv.fetch_pages(t);
-      kv.issue(t, k_tiles + t * TILE * CHUNKS, v_tiles + t * TILE * CHUNKS);
-    } else {
-      kv.skip();
-    }
-  }
-  kv.fetch_pages(STAGES - 1);
+  KVTiles<Layout, T, CHUNKS, THREADS, TILE, STAGES> kv(p, k_tiles, v_tiles, w.request, w.head_block,
+                                                   tiles.kv_begin, w.kv_end, num_tiles);
+  kv.start();  // Q travels in the first group
 
   RowsState<HEAD_DIM> st[M_TILES];
 #pragma unroll
@@ -73,17 +65,11 @@ batch_attention_kernel(const AttentionParams p) {
   for (int t = 0; t < num_tiles; ++t) {
     // The next tile is issued before waiting for this one: STAGES tiles in flight while waiting
     // (memory-bound decode wants the bytes in flight), at the cost of a second barrier a tile.
-    if (t + STAGES - 1 < num_tiles) {
-      const int stage = (t + STAGES - 1) % STAGES;
-      kv.issue(t + STAGES - 1, k_tiles + stage * TILE * CHUNKS, v_tiles + stage * TILE * CHUNKS);
-      kv.fetch_pages(t + STAGES);
-    } else {
-      kv.skip();
-    }
+    kv.refill(t);
     cp_async_wait<STAGES - 1>();  // tile t (and Q) landed
     __syncthreads();
-    const uint4* k_tile = k_tiles + (t % STAGES) * TILE * CHUNKS;
-    const uint4* v_tile = v_tiles + (t % STAGES) * TILE * CHUNKS;
+    const uint4* k_tile = kv.k_stage(t);
+    const uint4* v_tile = kv.v_stage(t);
     const int warp_key0 = wk * WARP_KEYS;            // first key of this warp within the tile
     const int first_key = tiles.kv_begin + t * TILE + warp_key0;  // ... within the request
     const int mask_class = tiles.mask_class(p, t);

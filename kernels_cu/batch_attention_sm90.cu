@@ -25,7 +25,6 @@
 
 using namespace cpattn;
 
-
 template <typename T, int HEAD_DIM, int WARPGROUPS, int TILE, int STAGES, int CTAS>
 __global__ void __launch_bounds__(128 * WARPGROUPS, CTAS)
 batch_attention_sm90_kernel(const AttentionParams p) {
@@ -49,18 +48,9 @@ batch_attention_sm90_kernel(const AttentionParams p) {
   const int warp = threadIdx.x / 32, group_of_warp = warp / 4;
 
   issue_q_rows<SwizzledBlocks<ROWS>, T, ROWS, CHUNKS, THREADS>(p, w, q_tile);
-  KVTiles<SwizzledBlocks<TILE>, T, CHUNKS, THREADS, TILE> kv(p, w.request, w.head_block,
-                                                            tiles.kv_begin, w.kv_end);
-#pragma unroll
-  for (int t = 0; t < STAGES - 1; ++t) {  // prologue; Q travels in the first group
-    if (t < num_tiles) {
-      kv.fetch_pages(t);
-      kv.issue(t, k_tiles + t * TILE * CHUNKS, v_tiles + t * TILE * CHUNKS);
-    } else {
-      kv.skip();
-    }
-  }
-  kv.fetch_pages(STAGES - 1);
+  KVTiles<SwizzledBlocks<TILE>, T, CHUNKS, THREADS, TILE, STAGES> kv(
+      p, k_tiles, v_tiles, w.request, w.head_block, tiles.kv_begin, w.kv_end, num_tiles);
+  kv.start();  // Q travels in the first group
 
   RowsState<HEAD_DIM> st;
   init_rows(st);
@@ -77,7 +67,7 @@ batch_attention_sm90_kernel(const AttentionParams p) {
   // S = Q K^T of tile t into s: k-step kk reads dims [16 kk, 16 kk + 16), block kk / 4, 32
   // bytes into its rows (descriptor addresses count 16 bytes).
   auto scores = [&](int t, float (&s)[TILE / 8][4]) {
-    const unsigned long long k_desc = smem_desc(k_tiles + (t % STAGES) * TILE * CHUNKS, 16, 1024);
+    const unsigned long long k_desc = smem_desc(kv.k_stage(t), 16, 1024);
     const unsigned long long q_desc = smem_desc(q_rows, 16, 1024);
     wgmma_fence();
 #pragma unroll
@@ -96,7 +86,7 @@ batch_attention_sm90_kernel(const AttentionParams p) {
   // O += P V of tile t, P in s: keys [16 kt, 16 kt + 16) are 16 rows (2048 bytes) into V's
   // blocks; one wgmma covers PV_N output dims, PV_N / 64 blocks of TILE * 128 bytes each.
   auto values = [&](int t, const float (&s)[TILE / 8][4]) {
-    const unsigned long long v_desc = smem_desc(v_tiles + (t % STAGES) * TILE * CHUNKS, TILE * 128, 1024);
+    const unsigned long long v_desc = smem_desc(kv.v_stage(t), TILE * 128, 1024);
     wgmma_fence();
 #pragma unroll
     for (int kt = 0; kt < TILE / 16; ++kt) {
@@ -126,13 +116,7 @@ batch_attention_sm90_kernel(const AttentionParams p) {
     fence_proxy_async();
     __syncthreads();  // ... for every thread, and every thread is done with tile t - 1: its
     // stage takes tile t + STAGES - 1.
-    if (t + STAGES - 1 < num_tiles) {
-      const int stage = (t + STAGES - 1) % STAGES;
-      kv.issue(t + STAGES - 1, k_tiles + stage * TILE * CHUNKS, v_tiles + stage * TILE * CHUNKS);
-      kv.fetch_pages(t + STAGES);
-    } else {
-      kv.skip();
-    }
+    kv.refill(t);
     const int mask_class = tiles.mask_class(p, t);
     if (mask_class == 0) continue;
     float s[TILE / 8][4];

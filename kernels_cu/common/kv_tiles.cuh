@@ -52,16 +52,21 @@ __device__ __forceinline__ void issue_q_rows(const AttentionParams& p, const Wor
   }
 }
 
-// K and V tiles of keys [kv_begin + TILE * t, + TILE) of one kv head. The page ids of the tile
-// to issue next are fetched one tile early (fetch_pages), so the wait for them overlaps a tile
-// of compute instead of stalling the copy.
-template <typename Layout, typename T, int CHUNKS, int THREADS, int TILE>
+// K and V tiles of keys [kv_begin + TILE * t, + TILE) of one kv head, through STAGES buffers
+// (tile t in stage t % STAGES), one commit group a tile: start() issues tiles 0 .. STAGES - 2,
+// refill(t) tile t + STAGES - 1 (an empty group past the last, so that group counting stays
+// uniform). The page ids of the tile to issue next are fetched one tile early, so the wait for
+// them overlaps a tile of compute instead of stalling the copy.
+template <typename Layout, typename T, int CHUNKS, int THREADS, int TILE, int STAGES>
 struct KVTiles {
   static constexpr int ROW_STEP = THREADS / CHUNKS;
   static constexpr int KEYS_PER_THREAD = TILE / ROW_STEP;
   static_assert(THREADS % CHUNKS == 0 && TILE % ROW_STEP == 0, "copy layout must tile the tile");
 
   const AttentionParams& p;
+  uint4* k_tiles;          // [STAGES] tiles of TILE rows in Layout
+  uint4* v_tiles;
+  int num_tiles;
   const int* page_table;   // the request's page ids (paged)
   const T* k_head;         // the kv head's elements of K and V (+ this thread's chunk)
   const T* v_head;
@@ -71,9 +76,11 @@ struct KVTiles {
   bool paged;
   int pages[KEYS_PER_THREAD];
 
-  __device__ __forceinline__ KVTiles(const AttentionParams& params, int request, int head,
-                                     int begin, int end)
-      : p(params), kv_begin(begin), kv_end(end) {
+  __device__ __forceinline__ KVTiles(const AttentionParams& params, uint4* k_stages,
+                                     uint4* v_stages, int request, int head, int begin, int end,
+                                     int tiles)
+      : p(params), k_tiles(k_stages), v_tiles(v_stages), num_tiles(tiles), kv_begin(begin),
+        kv_end(end) {
     paged = p.kv_indices != nullptr;
     page_table = p.kv_indices + (paged ? p.kv_indptr[request] : 0);
     ragged_row = paged ? 0 : p.kv_indptr[request];
@@ -119,8 +126,36 @@ struct KVTiles {
     cp_async_commit();
   }
 
-  // The (empty) group of a tile past the last, so that group counting stays uniform.
-  __device__ __forceinline__ static void skip() { cp_async_commit(); }
+  __device__ __forceinline__ const uint4* k_stage(int t) const {
+    return k_tiles + (t % STAGES) * TILE * CHUNKS;
+  }
+  __device__ __forceinline__ const uint4* v_stage(int t) const {
+    return v_tiles + (t % STAGES) * TILE * CHUNKS;
+  }
+
+  __device__ __forceinline__ void start() {
+#pragma unroll
+    for (int t = 0; t < STAGES - 1; ++t) {
+      if (t < num_tiles) {
+        fetch_pages(t);
+        issue(t, k_tiles + t * TILE * CHUNKS, v_tiles + t * TILE * CHUNKS);
+      } else {
+        cp_async_commit();
+      }
+    }
+    fetch_pages(STAGES - 1);
+  }
+
+  // Tile t + STAGES - 1 into the stage of tile t - 1, which every thread must be done with.
+  __device__ __forceinline__ void refill(int t) {
+    if (t + STAGES - 1 < num_tiles) {
+      const int stage = (t + STAGES - 1) % STAGES;
+      issue(t + STAGES - 1, k_tiles + stage * TILE * CHUNKS, v_tiles + stage * TILE * CHUNKS);
+      fetch_pages(t + STAGES);
+    } else {
+      cp_async_commit();
+    }
+  }
 };
 
 }  // namespace cpattn
