@@ -23,6 +23,7 @@
 #include "common/mma.cuh"
 #include "common/mla_params.cuh"
 #include "common/work_item.cuh"
+#include "common/paged.cuh"
 
 using namespace cpattn;
 
@@ -86,12 +87,13 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
   // fetched one iteration early, so their latency overlaps a tile of compute.
   const int copy_col = tid % 8, copy_row = tid / 8;
   const int* page_table = p.kv_indices + p.kv_indptr[b];
+  const PageSplit split(p.page_size);
   int pages[KEYS_PER_THREAD];
   auto fetch_pages = [&](int tile) {
 #pragma unroll
     for (int i = 0; i < KEYS_PER_THREAD; ++i) {
       const int key = kv_begin + tile * TILE + copy_row + i * ROW_STEP;
-      pages[i] = key < kv_end ? __ldg(page_table + key / p.page_size) : 0;
+      pages[i] = key < kv_end ? __ldg(page_table + split.index(key)) : 0;
     }
   };
   auto issue_tile = [&](int tile, int stage) {
@@ -101,7 +103,7 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
       const int r = copy_row + i * ROW_STEP, key = kv_begin + tile * TILE + r;
       const bool valid = key < kv_end;
       // NOTE: 64-bit offsets: page * stride_page passes 2^31 elements in pools over 4 GB.
-      const long long page = pages[i], slot = valid ? key % p.page_size : 0;
+      const long long page = pages[i], slot = valid ? split.slot(key) : 0;
       const T* ckv_row = valid ? ckv + page * p.ckv_stride_page + slot * p.ckv_stride_slot : ckv;
       const T* kpe_row = valid ? kpe + page * p.kpe_stride_page + slot * p.kpe_stride_slot : kpe;
 #pragma unroll

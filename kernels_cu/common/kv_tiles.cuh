@@ -10,6 +10,7 @@
 #include "common/mma.cuh"
 #include "common/attention_params.cuh"
 #include "common/work_item.cuh"
+#include "common/paged.cuh"
 
 namespace cpattn {
 
@@ -72,7 +73,7 @@ struct KVTiles {
   const T* v_head;
   long long ragged_row;    // the request's first key row (ragged)
   int kv_begin, kv_end, copy_row;
-  int page_shift;          // log2(page_size) when it is a power of two, else -1
+  PageSplit split;
   bool paged;
   int pages[KEYS_PER_THREAD];
 
@@ -80,7 +81,7 @@ struct KVTiles {
                                      uint4* v_stages, int request, int head, int begin, int end,
                                      int tiles)
       : p(params), k_tiles(k_stages), v_tiles(v_stages), num_tiles(tiles), kv_begin(begin),
-        kv_end(end) {
+        kv_end(end), split(params.page_size) {
     paged = p.kv_indices != nullptr;
     page_table = p.kv_indices + (paged ? p.kv_indptr[request] : 0);
     ragged_row = paged ? 0 : p.kv_indptr[request];
@@ -88,22 +89,13 @@ struct KVTiles {
     copy_row = threadIdx.x / CHUNKS;
     k_head = static_cast<const T*>(p.k) + head * p.k_stride_head + chunk * 8;
     v_head = static_cast<const T*>(p.v) + head * p.v_stride_head + chunk * 8;
-    page_shift = (p.page_size & (p.page_size - 1)) == 0 ? __ffs(p.page_size) - 1 : -1;
-  }
-
-  // Page-table index and slot of a key: a shift and a mask for power-of-two pages (uniform).
-  __device__ __forceinline__ int page_index(int key) const {
-    return page_shift >= 0 ? key >> page_shift : key / p.page_size;
-  }
-  __device__ __forceinline__ int page_slot(int key) const {
-    return page_shift >= 0 ? key & (p.page_size - 1) : key % p.page_size;
   }
 
   __device__ __forceinline__ void fetch_pages(int tile) {
 #pragma unroll
     for (int i = 0; i < KEYS_PER_THREAD; ++i) {
       const int key = kv_begin + tile * TILE + copy_row + i * ROW_STEP;
-      pages[i] = paged && key < kv_end ? __ldg(page_table + page_index(key)) : 0;
+      pages[i] = paged && key < kv_end ? __ldg(page_table + split.index(key)) : 0;
     }
   }
 
@@ -115,7 +107,7 @@ struct KVTiles {
       const int r = copy_row + i * ROW_STEP, key = kv_begin + tile * TILE + r;
       const bool valid = key < kv_end;
       // NOTE: 64-bit offsets: page * stride_page passes 2^31 elements in pools over 4 GB.
-      const long long slot = paged ? page_slot(key) : ragged_row + key;
+      const long long slot = paged ? split.slot(key) : ragged_row + key;
       const long long page = pages[i];
       const long long k_off = page * p.k_stride_page + slot * p.k_stride_slot;
       const long long v_off = page * p.v_stride_page + slot * p.v_stride_slot;

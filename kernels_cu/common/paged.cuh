@@ -38,6 +38,23 @@ __host__ __device__ __forceinline__ PageStrides contiguous_page_strides(int page
              : PageStrides{static_cast<long long>(page_size) * num_heads * d, d, page_size * d};
 }
 
+// token -> (index of its page in the request's page table, slot in the page): a shift and a mask
+// when page_size is a power of two (the usual 16, 32, 64), a division otherwise. The choice is
+// uniform across the grid; an integer division costs tens of instructions, and the loaders of
+// memory-bound kernels split every key row they copy.
+struct PageSplit {
+  int size, shift;  // shift: log2(size) for a power of two, else -1
+
+  __device__ __forceinline__ explicit PageSplit(int page_size)
+      : size(page_size), shift((page_size & (page_size - 1)) == 0 ? __ffs(page_size) - 1 : -1) {}
+  __device__ __forceinline__ int index(int token) const {
+    return shift >= 0 ? token >> shift : token / size;
+  }
+  __device__ __forceinline__ int slot(int token) const {
+    return shift >= 0 ? token & (size - 1) : token % size;
+  }
+};
+
 // Where token `token` of a request lives, given the request's first entry in kv_indices.
 struct PageSlot {
   int page;  // page id in [0, num_pages)
