@@ -20,7 +20,7 @@ import numpy as np
 from . import _arrays as A
 from . import _core, _kernels, _tiles, planner
 from .attention import _host_indptr, attention_dtype
-from .paged import SequencePages, _PageTables, _cache_dtype, _default_device, _write
+from .paged import SequencePages, _PageTables, _cache_dtype, _intake_pools, _new_pools, _write
 from .planner import positive_int
 
 __all__ = ["BatchMLA", "MLAPagedCache"]
@@ -91,18 +91,13 @@ class MLAPagedCache(SequencePages):
         if (ckv_cache is None) != (kpe_cache is None):
             raise ValueError("give both ckv_cache and kpe_cache, or neither")
         if ckv_cache is None:
-            on_gpu = (device or _default_device()) == "gpu"
-            if on_gpu and A.cupy is None:
-                raise ValueError("device='gpu' needs CuPy; install cpattn[cuda12] or [cuda13]")
-            xp = A.cupy if on_gpu else np
-            ckv_cache = xp.empty((self.num_pages, self.page_size, CKV_DIM), self.dtype)
-            kpe_cache = xp.empty((self.num_pages, self.page_size, KPE_DIM), self.dtype)
+            (ckv_cache, kpe_cache), on_gpu = _new_pools(
+                device, self.dtype, (self.num_pages, self.page_size, CKV_DIM),
+                (self.num_pages, self.page_size, KPE_DIM))
         else:
-            arrs, on_gpu = A.intake_all({"ckv_cache": ckv_cache, "kpe_cache": kpe_cache})
-            if device is not None and (device == "gpu") != on_gpu:
-                raise ValueError(f"device={device!r} but the pools live on the "
-                                 f"{'GPU' if on_gpu else 'CPU'}")
-            ckv_cache, kpe_cache = arrs.values()
+            pools, on_gpu = _intake_pools({"ckv_cache": ckv_cache, "kpe_cache": kpe_cache},
+                                          device)
+            ckv_cache, kpe_cache = pools.values()
             check_pools(ckv_cache, kpe_cache, self.dtype, (self.num_pages, self.page_size))
             if not on_gpu and not (ckv_cache.flags.writeable and kpe_cache.flags.writeable):
                 raise ValueError("ckv_cache and kpe_cache must be writeable; the cache is "

@@ -480,6 +480,26 @@ def _default_device() -> str:
         return "cpu"
 
 
+def _new_pools(device, dtype, *shapes) -> tuple[list, bool]:
+    """Uninitialised pools of these shapes on ``device`` ("gpu", "cpu", or None: the GPU when
+    CuPy finds one), and whether they are on the GPU."""
+    on_gpu = (device or _default_device()) == "gpu"
+    if on_gpu and A.cupy is None:
+        raise ValueError("device='gpu' needs CuPy; install cpattn[cuda12] or [cuda13]")
+    xp = A.cupy if on_gpu else np
+    return [xp.empty(shape, dtype) for shape in shapes], on_gpu
+
+
+def _intake_pools(pools: dict, device) -> tuple[dict, bool]:
+    """User-owned pools ``{name: array}`` taken in without a copy, all on one side, which must
+    be ``device`` when it is given; and whether they are on the GPU."""
+    arrs, on_gpu = A.intake_all(pools)
+    if device is not None and (device == "gpu") != on_gpu:
+        raise ValueError(f"device={device!r} but {' and '.join(pools)} live on the "
+                         f"{'GPU' if on_gpu else 'CPU'}")
+    return arrs, on_gpu
+
+
 def _cache_dtype(dtype) -> np.dtype:
     try:
         dt = np.dtype(dtype)  # "bfloat16" resolves once ml_dtypes is imported (by _arrays)
@@ -539,21 +559,14 @@ class PagedKVCache(SequencePages):
         if (k_pages is None) != (v_pages is None):
             raise ValueError("give both k_pages and v_pages, or neither")
         if k_pages is None:
-            on_gpu = (device or _default_device()) == "gpu"
-            if on_gpu and A.cupy is None:
-                raise ValueError("device='gpu' needs CuPy; install cpattn[cuda12] or [cuda13]")
-            xp = A.cupy if on_gpu else np
-            k_pages, v_pages = xp.empty(shape, self.dtype), xp.empty(shape, self.dtype)
+            (k_pages, v_pages), on_gpu = _new_pools(device, self.dtype, shape, shape)
         else:
             (k_pages, v_pages), on_gpu = self._adopt(k_pages, v_pages, shape, device)
         self.k_pages, self.v_pages, self.on_gpu = k_pages, v_pages, on_gpu
         self._tables = _PageTables(self.num_pages, self.page_size)
 
     def _adopt(self, k_pages, v_pages, shape, device):
-        arrs, on_gpu = A.intake_all({"k_pages": k_pages, "v_pages": v_pages})
-        if device is not None and (device == "gpu") != on_gpu:
-            side = "GPU" if on_gpu else "CPU"
-            raise ValueError(f"device={device!r} but k_pages and v_pages live on the {side}")
+        arrs, on_gpu = _intake_pools({"k_pages": k_pages, "v_pages": v_pages}, device)
         dims = _pool_dims(self.kv_layout)
         for name, pool in arrs.items():
             A.check_shape(pool, name, shape, dims)
