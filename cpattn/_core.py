@@ -94,10 +94,13 @@ def hopper_path() -> bool:
     ``CPATTN_ARCH_PATH=sm80`` forces the mma.sync kernels that run on any GPU from Ampere on."""
     if os.environ.get("CPATTN_ARCH_PATH", "").lower() == "sm80":
         return False
-    import cupy
-    device = cupy.cuda.Device()
-    if device.id not in _HOPPER:
-        _HOPPER[device.id] = _kernels.device_arch(device) == "sm_90a"
+    try:
+        import cupy
+        device = cupy.cuda.Device()
+        if device.id not in _HOPPER:
+            _HOPPER[device.id] = _kernels.device_arch(device) == "sm_90a"
+    except Exception:  # no CuPy, driver or device: nothing runs, argument checks still do
+        return False
     return _HOPPER[device.id]
 
 

@@ -33,13 +33,15 @@ VARIANTS: dict[str, list[tuple[str, ...]]] = {
     "batch_attention_sm90": _tiles.hopper_variants(),
     # mla_attention_kernel<T, M_TILES, WARPS, TILE, STAGES>: _tiles.py.
     "mla_attention": _tiles.mla_variants(),
+    # mla_attention_sm90_kernel<T, TILE, STAGES>: _tiles.py (sm_90a).
+    "mla_attention_sm90": _tiles.mla_hopper_variants(),
     # append_paged_kv_kernel<T>: K/V pools in fp16 / bf16 (layout and head_dim through strides).
     "append_paged_kv": [("half",), ("__nv_bfloat16",)],
 }
 
 #: Ops built for some targets only (their instructions exist nowhere else); all others build
 #: for every target from sm_80 on.
-TARGETS = {"batch_attention_sm90": ("sm_90a",)}
+TARGETS = {"batch_attention_sm90": ("sm_90a",), "mla_attention_sm90": ("sm_90a",)}
 
 
 def builds_for(op: str, arch: str) -> bool:

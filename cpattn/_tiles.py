@@ -112,6 +112,7 @@ class MLATileConfig:
     warps: int
     tile: int
     stages: int
+    op = "mla_attention"
 
     @property
     def rows(self) -> int:
@@ -135,5 +136,32 @@ class MLATileConfig:
 MLA_TILES = (MLATileConfig(1, 4, 64, 2), MLATileConfig(2, 4, 64, 2))
 
 
+@dataclass(frozen=True)
+class HopperMLATileConfig:
+    """``mla_attention_sm90_kernel<T, TILE, STAGES>`` (wgmma, sm_90a): two warpgroups share 64
+    packed rows; each computes S for half of a tile's keys and O for half of the 512 dims."""
+    tile: int
+    stages: int
+    op = "mla_attention_sm90"
+    rows = 64
+    threads = 256
+
+    def smem_bytes(self) -> int:
+        """Q rows + key stages (576 dims each) + P (rows x tile) + the warpgroups' row values."""
+        row = (MLA_CKV_DIM + MLA_KPE_DIM) * 2
+        return self.rows * row + self.stages * self.tile * row + self.rows * self.tile * 2 + 2 * self.rows * 4
+
+    def targs(self, ctype: str) -> tuple[str, ...]:
+        return (ctype, str(self.tile), str(self.stages))
+
+
+#: Hopper MLA: 64 rows (128 heads in two head blocks, or several queries of fewer heads).
+MLA_SM90 = HopperMLATileConfig(64, 2)
+
+
 def mla_variants() -> list[tuple[str, ...]]:
     return [cfg.targs(t) for t in ATTENTION_CTYPES for cfg in MLA_TILES]
+
+
+def mla_hopper_variants() -> list[tuple[str, ...]]:
+    return [MLA_SM90.targs(t) for t in ATTENTION_CTYPES]

@@ -149,12 +149,19 @@ def check_pools(ckv_cache, kpe_cache, dtype, pages_shape=None) -> None:
 
 # ---- the wrapper -----------------------------------------------------------------------------
 
-def choose_tiles(num_heads: int, max_qo_len: int) -> tuple[_tiles.MLATileConfig, int]:
+def choose_tiles(num_heads: int, max_qo_len: int, hopper: bool = False):
     """(tiles, heads per CTA): 16 rows when a request's (query, head) rows fit in them, else
-    32; a CTA holds all heads of its queries or a block of them."""
+    32; a CTA holds all heads of its queries or a block of them. With ``hopper`` (the sm_90a
+    path, ``_core.hopper_path()``), more than 32 rows take the 64-row wgmma tiles."""
     small, large = _tiles.MLA_TILES
     if num_heads * max(max_qo_len, 1) <= small.rows:
         return small, num_heads
+    wide = _tiles.MLA_SM90
+    if hopper and num_heads * max(max_qo_len, 1) > large.rows:
+        if num_heads <= wide.rows:
+            return wide, num_heads
+        if num_heads % wide.rows == 0:
+            return wide, wide.rows
     if num_heads <= large.rows:
         return large, num_heads
     for cfg in (large, small):
@@ -228,7 +235,7 @@ class BatchMLA:
                              f"kv_indptr; got {len(qo_indptr)}")
         qo_lens = np.diff(qo_indptr)
         batch, total_q = len(kv_lens), int(qo_indptr[-1])
-        cfg, group = choose_tiles(num_heads, int(qo_lens.max(initial=0)))
+        cfg, group = choose_tiles(num_heads, int(qo_lens.max(initial=0)), _core.hopper_path())
         limits = self._limits
         if limits is not None:  # checked before the first plan fixes anything
             for what, have, most, name in (
@@ -256,7 +263,7 @@ class BatchMLA:
                       item_state_stride=work.state_stride, qo_indptr=qo_indptr,
                       kv_indptr=kv_indptr, kv_indices=kv_indices, kv_lens=kv_lens,
                       merge_indptr=merge_indptr)
-        kernel = _core.load_kernel("mla_attention", cfg.targs(_kernels.CTYPES[A.dtype_name(dtype)]),
+        kernel = _core.load_kernel(cfg.op, cfg.targs(_kernels.CTYPES[A.dtype_name(dtype)]),
                                    cfg.smem_bytes(), f"MLA with {cfg.rows}-row tiles")
         pointers = self._buffer.upload(arrays, stream)
         params = np.zeros((), MLA_PARAMS_DTYPE)

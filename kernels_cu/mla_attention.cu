@@ -23,13 +23,12 @@
 #include "common/mma.cuh"
 #include "common/mla_params.cuh"
 #include "common/work_item.cuh"
-#include "common/paged.cuh"
+#include "common/mla_tiles.cuh"
 
 using namespace cpattn;
 
-constexpr int CKV_DIM = 512, KPE_DIM = 64;
-constexpr int CKV_CHUNKS = CKV_DIM / 8;                // 16-byte chunks of a ckv row: 64
-constexpr int ROW_CHUNKS = (CKV_DIM + KPE_DIM) / 8;    // ... of a [ckv | kpe] key or q row: 72
+constexpr int CKV_DIM = MLA_CKV_DIM;
+constexpr int ROW_CHUNKS = MLA_ROW_CHUNKS;  // 16-byte chunks of a [ckv | kpe] key or q row: 72
 
 template <typename T, int M_TILES, int WARPS, int TILE, int STAGES>
 __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAParams p) {
@@ -41,18 +40,13 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
   constexpr int P_STRIDE = TILE + 8;
   static_assert(WARP_KEYS % 16 == 0 && WARP_DIMS % 16 == 0, "warps take whole 16-wide steps");
   static_assert(STAGES >= 2, "cp.async pipeline needs two stages at least");
-  constexpr int ROW_STEP = THREADS / 8;      // copy: 8 threads per key row, 9 chunks each
-  constexpr int KEYS_PER_THREAD = TILE / ROW_STEP;
-  static_assert(TILE % ROW_STEP == 0, "copy layout must tile the tile");
   // Independent accumulator sets of S (see below): as many as the registers allow.
   constexpr int ACC = M_TILES == 1 ? 4 : 2;
   static_assert((ROW_CHUNKS / 2) % ACC == 0, "the 36 steps of S split evenly");
 
   WorkItem w;
   if (!load_work_item<ROWS>(p, p.num_heads / p.group_size, w)) return;
-  const int item = w.item, head_block = w.head_block, b = w.request, q_start = w.q_start;
-  const int qo_begin = w.qo_begin, group = p.group_size, valid_rows = w.valid_rows;
-  const int diag = w.diag, kv_begin = w.kv_begin, kv_end = w.kv_end;
+  const int kv_begin = w.kv_begin, kv_end = w.kv_end;
   const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + TILE - 1) / TILE : 0;
 
   extern __shared__ uint4 smem[];
@@ -61,69 +55,11 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
   T* p_tile = reinterpret_cast<T*>(kv_tiles + STAGES * TILE * ROW_CHUNKS);  // [ROWS][P_STRIDE]
   float* row_red = reinterpret_cast<float*>(p_tile + ROWS * P_STRIDE);     // [WARPS][ROWS]
 
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const T* q_nope = static_cast<const T*>(p.q_nope);
-  const T* q_pe = static_cast<const T*>(p.q_pe);
-  const T* ckv = static_cast<const T*>(p.ckv);
-  const T* kpe = static_cast<const T*>(p.kpe);
-
-  // Q rows [q_nope | q_pe] of this CTA (padding rows zero-filled).
-  for (int c = tid; c < ROWS * ROW_CHUNKS; c += THREADS) {
-    const int r = c / ROW_CHUNKS, chunk = c % ROW_CHUNKS;
-    const bool valid = r < valid_rows;
-    const T* src = q_nope;
-    if (valid) {
-      const long long token = qo_begin + q_start + r / group;
-      const int head = head_block * group + r % group;
-      src = chunk < CKV_CHUNKS
-                ? q_nope + token * p.q_nope_stride_token + head * p.q_nope_stride_head + chunk * 8
-                : q_pe + token * p.q_pe_stride_token + head * p.q_pe_stride_head +
-                      (chunk - CKV_CHUNKS) * 8;
-    }
-    cp_async_16(q_tile + swizzle<ROW_CHUNKS>(r, chunk), src, valid);
-  }
-  // Thread (row, col) copies chunks col, col + 8, ..., col + 56 of ckv and chunk col of kpe for
-  // key rows row, row + ROW_STEP, ... of each tile. Page ids of the next tile to issue are
-  // fetched one iteration early, so their latency overlaps a tile of compute.
-  const int copy_col = tid % 8, copy_row = tid / 8;
-  const int* page_table = p.kv_indices + p.kv_indptr[b];
-  const PageSplit split(p.page_size);
-  int pages[KEYS_PER_THREAD];
-  auto fetch_pages = [&](int tile) {
-#pragma unroll
-    for (int i = 0; i < KEYS_PER_THREAD; ++i) {
-      const int key = kv_begin + tile * TILE + copy_row + i * ROW_STEP;
-      pages[i] = key < kv_end ? __ldg(page_table + split.index(key)) : 0;
-    }
-  };
-  auto issue_tile = [&](int tile, int stage) {
-    uint4* dst = kv_tiles + stage * TILE * ROW_CHUNKS;
-#pragma unroll
-    for (int i = 0; i < KEYS_PER_THREAD; ++i) {
-      const int r = copy_row + i * ROW_STEP, key = kv_begin + tile * TILE + r;
-      const bool valid = key < kv_end;
-      // NOTE: 64-bit offsets: page * stride_page passes 2^31 elements in pools over 4 GB.
-      const long long page = pages[i], slot = valid ? split.slot(key) : 0;
-      const T* ckv_row = valid ? ckv + page * p.ckv_stride_page + slot * p.ckv_stride_slot : ckv;
-      const T* kpe_row = valid ? kpe + page * p.kpe_stride_page + slot * p.kpe_stride_slot : kpe;
-#pragma unroll
-      for (int j = 0; j < CKV_CHUNKS / 8; ++j) {
-        const int chunk = copy_col + 8 * j;
-        cp_async_16(dst + swizzle<ROW_CHUNKS>(r, chunk), ckv_row + chunk * 8, valid);
-      }
-      cp_async_16(dst + swizzle<ROW_CHUNKS>(r, CKV_CHUNKS + copy_col), kpe_row + copy_col * 8,
-                  valid);
-    }
-  };
-#pragma unroll
-  for (int t = 0; t < STAGES - 1; ++t) {  // prologue; Q travels in the first group
-    if (t < num_tiles) {
-      fetch_pages(t);
-      issue_tile(t, t);
-    }
-    cp_async_commit();
-  }
-  fetch_pages(STAGES - 1);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  using Layout = SwizzledRows<ROW_CHUNKS>;
+  issue_mla_q_rows<Layout, T, ROWS, THREADS>(p, w, q_tile);
+  MLATiles<Layout, T, THREADS, TILE, STAGES> tiles(p, kv_tiles, w, num_tiles);
+  tiles.start();  // Q travels in the first group
 
   float o[M_TILES][WARP_DIMS / 8][4];  // C fragments of this warp's dims of O
   float m[M_TILES][2], d[M_TILES][2];  // rows g, g + 8 of each 16: running max (log2), denominator
@@ -141,12 +77,8 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
     cp_async_wait<STAGES - 2>();
     // Tile t has landed; every warp is done with tile t - 1 (its stage, P and maxima are free).
     __syncthreads();
-    if (t + STAGES - 1 < num_tiles) {
-      issue_tile(t + STAGES - 1, (t + STAGES - 1) % STAGES);
-      fetch_pages(t + STAGES);
-    }
-    cp_async_commit();
-    const uint4* kv = kv_tiles + (t % STAGES) * TILE * ROW_CHUNKS;
+    tiles.refill(t);
+    const uint4* kv = tiles.stage(t);
     const int first_key = kv_begin + t * TILE + warp_key0;  // within the request
 
     // S = Q K^T: all rows x this warp's keys, over the 576 dims of [ckv | kpe]. The 36 steps
@@ -168,12 +100,12 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
         unsigned qa[M_TILES][4];
 #pragma unroll
         for (int mt = 0; mt < M_TILES; ++mt)
-          ldmatrix_x4(qa[mt], q_tile + swizzle<ROW_CHUNKS>(mt * 16 + lane % 16, kk * 2 + lane / 16));
+          ldmatrix_x4(qa[mt], q_tile + Layout::at(mt * 16 + lane % 16, kk * 2 + lane / 16));
 #pragma unroll
         for (int n = 0; n < WARP_KEYS / 16; ++n) {
           unsigned bk[4];
           const int key_row = warp_key0 + n * 16 + (lane / 16) * 8 + lane % 8;
-          ldmatrix_x4(bk, kv + swizzle<ROW_CHUNKS>(key_row, kk * 2 + (lane / 8) % 2));
+          ldmatrix_x4(bk, kv + Layout::at(key_row, kk * 2 + (lane / 8) % 2));
 #pragma unroll
           for (int mt = 0; mt < M_TILES; ++mt) {
             mma_16816<T>(acc[a][mt][2 * n], qa[mt], bk[0], bk[1]);
@@ -192,22 +124,8 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[mt][n][e] += acc[a][mt][n][e];
 
-    // Keys past the range, and (causal) past a row's diagonal, score -inf. Only tiles that cross
-    // the range end or the diagonal of the CTA's first query test each score.
-    const int last_key = first_key + WARP_KEYS - 1;
-    if (last_key >= kv_end || (p.causal && last_key > q_start + diag)) {
 #pragma unroll
-      for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-        for (int n = 0; n < WARP_KEYS / 8; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int key = first_key + n * 8 + 2 * (lane % 4) + (e % 2);
-            const int query = q_start + (mt * 16 + lane / 4 + 8 * (e / 2)) / group;
-            const bool visible = key < kv_end && (!p.causal || key <= query + diag);
-            s[mt][n][e] = visible ? s[mt][n][e] : NEG_INF;  // selected: -inf + NaN stays NaN
-          }
-    }
+    for (int mt = 0; mt < M_TILES; ++mt) mla_mask_block<WARP_KEYS>(s[mt], p, w, mt * 16, first_key);
 
     // Row maxima of this warp's keys, then of the whole tile (through shared memory).
 #pragma unroll
@@ -265,7 +183,7 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
       for (int dn = 0; dn < WARP_DIMS / 16; ++dn) {
         unsigned bv[4];
         const int key_row = kt * 16 + ((lane / 8) % 2) * 8 + lane % 8;
-        ldmatrix_x4_trans(bv, kv + swizzle<ROW_CHUNKS>(key_row, warp_chunk0 + dn * 2 + lane / 16));
+        ldmatrix_x4_trans(bv, kv + Layout::at(key_row, warp_chunk0 + dn * 2 + lane / 16));
 #pragma unroll
         for (int mt = 0; mt < M_TILES; ++mt) {
           mma_16816<T>(o[mt][2 * dn], a[mt], bv[0], bv[1]);
@@ -294,32 +212,11 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = mt * 16 + lane / 4 + 8 * h;
-      if (r >= valid_rows) continue;
+      if (r >= w.valid_rows) continue;
       float denom = 0.f;
 #pragma unroll
-      for (int w = 0; w < WARPS; ++w) denom += row_red[w * ROWS + r];
-      const bool empty = denom == 0.f;  // no visible key: output 0, lse -inf
-      const float inv_d = empty ? 0.f : 1.f / denom;
-      const float lse = empty ? NEG_INF : (m[mt][h] + log2f(denom)) * LN2;
-      const int query = q_start + r / group, head = head_block * group + r % group;
-      const int dim0 = warp * WARP_DIMS + 2 * (lane % 4);
-      const bool writes_lse = warp == 0 && lane % 4 == 0;
-      if (p.partial_o != nullptr) {
-        const long long state = p.item_state[item] + (r / group) * p.item_state_stride[item];
-        const long long row = state * p.num_heads + head;
-#pragma unroll
-        for (int n = 0; n < WARP_DIMS / 8; ++n)
-          store_pair<float>(p.partial_o + row * CKV_DIM + dim0 + n * 8, o[mt][n][2 * h] * inv_d,
-                            o[mt][n][2 * h + 1] * inv_d);
-        if (writes_lse) p.partial_lse[row] = lse;
-      } else {
-        const long long row = static_cast<long long>(qo_begin + query) * p.num_heads + head;
-        T* out = static_cast<T*>(p.o);
-#pragma unroll
-        for (int n = 0; n < WARP_DIMS / 8; ++n)
-          store_pair<T>(out + row * CKV_DIM + dim0 + n * 8, o[mt][n][2 * h] * inv_d,
-                        o[mt][n][2 * h + 1] * inv_d);
-        if (writes_lse && p.lse != nullptr) p.lse[row] = lse;
-      }
+      for (int from = 0; from < WARPS; ++from) denom += row_red[from * ROWS + r];
+      mla_store_row<T, WARP_DIMS / 8>(p, w, r, h, o[mt], warp * WARP_DIMS + 2 * (lane % 4),
+                                      m[mt][h], denom, warp == 0 && lane % 4 == 0);
     }
 }

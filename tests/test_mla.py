@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import cpattn
+from cpattn import _tiles
 from cpattn import mla, planner, reference
 
 CKV, KPE = 512, 64
@@ -99,6 +100,21 @@ def test_sm_scale_has_no_default():
 def test_choose_tiles(heads, qo, rows, group):
     cfg, g = mla.choose_tiles(heads, qo)
     assert (cfg.rows, g) == (rows, group)
+
+
+@pytest.mark.parametrize("heads, qo, rows, group, op", [
+    (16, 1, 16, 16, "mla_attention"), (32, 1, 32, 32, "mla_attention"),
+    (128, 1, 64, 64, "mla_attention_sm90"), (16, 4, 64, 16, "mla_attention_sm90"),
+    (48, 1, 64, 48, "mla_attention_sm90"), (64, 2, 64, 64, "mla_attention_sm90"),
+    (8, 4, 32, 8, "mla_attention")])
+def test_choose_tiles_on_hopper(heads, qo, rows, group, op):
+    """More than 32 (query, head) rows take the 64-row wgmma tiles on the sm_90a path."""
+    cfg, g = mla.choose_tiles(heads, qo, hopper=True)
+    assert (cfg.rows, g, cfg.op) == (rows, group, op)
+
+
+def test_hopper_mla_tiles_fit_an_sm():
+    assert _tiles.MLA_SM90.smem_bytes() <= 227 * 1024
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -63,17 +63,29 @@ __device__ __forceinline__ void fence_proxy_async() {
 }
 
 #define CPATTN_ACC4(d, n) "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])
-#define CPATTN_ACC32(d, n)                                                                   \
-  CPATTN_ACC4(d, n), CPATTN_ACC4(d, n + 1), CPATTN_ACC4(d, n + 2), CPATTN_ACC4(d, n + 3),   \
-      CPATTN_ACC4(d, n + 4), CPATTN_ACC4(d, n + 5), CPATTN_ACC4(d, n + 6), CPATTN_ACC4(d, n + 7)
-#define CPATTN_REGS32                                                                         \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
-  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define CPATTN_REGS64                                                                         \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
-  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "  \
-  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "  \
-  "%56, %57, %58, %59, %60, %61, %62, %63}"
+#define CPATTN_ACC16(d, n) CPATTN_ACC4(d, n), CPATTN_ACC4(d, n + 1), CPATTN_ACC4(d, n + 2), CPATTN_ACC4(d, n + 3)
+#define CPATTN_ACC32(d, n) CPATTN_ACC16(d, n), CPATTN_ACC16(d, n + 4)
+#define CPATTN_ACC64(d) CPATTN_ACC32(d, 0), CPATTN_ACC32(d, 8)
+#define CPATTN_ACC128(d) CPATTN_ACC32(d, 0), CPATTN_ACC32(d, 8), CPATTN_ACC32(d, 16), CPATTN_ACC32(d, 24)
+#define CPATTN_REGS16 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define CPATTN_REGS32 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define CPATTN_REGS64 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, " \
+  "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, " \
+  "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define CPATTN_REGS128 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, " \
+  "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, " \
+  "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, " \
+  "%70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, " \
+  "%87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, " \
+  "%103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, " \
+  "%117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
 
 // D (+)= A B for A [64 x 16] and B [16 x N], B in shared memory (K-major, or MN-major read
 // transposed when TRANS_B), A in shared memory (K-major: ss) or in registers (mma.sync's A
@@ -84,12 +96,13 @@ template <typename T, int N> struct Wgmma;
 #define CPATTN_DEFINE_WGMMA(TYPE, PTX_TYPES, N, REGS, ACC, SS_PRED, SS_ARGS, RS_PRED, RS_ARGS)  \
   template <>                                                                                  \
   struct Wgmma<TYPE, N> {                                                                      \
+    template <int TRANS_B = 0>                                                                 \
     __device__ __forceinline__ static void ss(float (&d)[N / 8][4], unsigned long long desc_a, \
                                               unsigned long long desc_b, bool accumulate) {    \
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SS_PRED ", 0;\n"                        \
                    "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32" PTX_TYPES " " REGS SS_ARGS  \
                    ";\n}\n"                                                                     \
-                   : ACC : "l"(desc_a), "l"(desc_b), "r"(accumulate ? 1 : 0));                 \
+                   : ACC : "l"(desc_a), "l"(desc_b), "r"(accumulate ? 1 : 0), "n"(TRANS_B));   \
     }                                                                                          \
     template <int TRANS_B>                                                                     \
     __device__ __forceinline__ static void rs(float (&d)[N / 8][4], const unsigned (&a)[4],    \
@@ -102,12 +115,15 @@ template <typename T, int N> struct Wgmma;
                      "r"(accumulate ? 1 : 0), "n"(TRANS_B));                                   \
     }                                                                                          \
   };
-#define CPATTN_ACC64(d) CPATTN_ACC32(d, 0), CPATTN_ACC32(d, 8)
-#define CPATTN_DEFINE_WGMMA_TYPE(TYPE, PTX_TYPES)                                               \
-  CPATTN_DEFINE_WGMMA(TYPE, PTX_TYPES, 64, CPATTN_REGS32, CPATTN_ACC32(d, 0), "%34",           \
-                      ", %32, %33, p, 1, 1, 0, 0", "%37", ", {%32, %33, %34, %35}, %36, p, 1, 1, %38") \
-  CPATTN_DEFINE_WGMMA(TYPE, PTX_TYPES, 128, CPATTN_REGS64, CPATTN_ACC64(d), "%66",             \
-                      ", %64, %65, p, 1, 1, 0, 0", "%69", ", {%64, %65, %66, %67}, %68, p, 1, 1, %70")
+#define CPATTN_DEFINE_WGMMA_TYPE(TYPE, PTX_TYPES) \
+  CPATTN_DEFINE_WGMMA(TYPE, PTX_TYPES, 32, CPATTN_REGS16, CPATTN_ACC16(d, 0), "%18", \
+                      ", %16, %17, p, 1, 1, 0, %19", "%21", ", {%16, %17, %18, %19}, %20, p, 1, 1, %22") \
+  CPATTN_DEFINE_WGMMA(TYPE, PTX_TYPES, 64, CPATTN_REGS32, CPATTN_ACC32(d, 0), "%34", \
+                      ", %32, %33, p, 1, 1, 0, %35", "%37", ", {%32, %33, %34, %35}, %36, p, 1, 1, %38") \
+  CPATTN_DEFINE_WGMMA(TYPE, PTX_TYPES, 128, CPATTN_REGS64, CPATTN_ACC64(d), "%66", \
+                      ", %64, %65, p, 1, 1, 0, %67", "%69", ", {%64, %65, %66, %67}, %68, p, 1, 1, %70") \
+  CPATTN_DEFINE_WGMMA(TYPE, PTX_TYPES, 256, CPATTN_REGS128, CPATTN_ACC128(d), "%130", \
+                      ", %128, %129, p, 1, 1, 0, %131", "%133", ", {%128, %129, %130, %131}, %132, p, 1, 1, %134")
 
 CPATTN_DEFINE_WGMMA_TYPE(half, ".f16.f16")
 CPATTN_DEFINE_WGMMA_TYPE(__nv_bfloat16, ".bf16.bf16")
