@@ -99,8 +99,8 @@ def hopper_path() -> bool:
         device = cupy.cuda.Device()
         if device.id not in _HOPPER:
             _HOPPER[device.id] = _kernels.device_arch(device) == "sm_90a"
-    except Exception:  # no CuPy, driver or device: nothing runs, argument checks still do
-        return False
+    except (ImportError, RuntimeError):  # no CuPy, driver or device (CUDARuntimeError is a
+        return False                     # RuntimeError): nothing runs, argument checks still do
     return _HOPPER[device.id]
 
 

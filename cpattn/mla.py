@@ -167,8 +167,9 @@ def choose_tiles(num_heads: int, max_qo_len: int, hopper: bool = False):
     for cfg in (large, small):
         if num_heads % cfg.rows == 0:
             return cfg, cfg.rows
-    raise NotImplementedError(f"num_heads={num_heads}: MLA supports up to {large.rows} heads, "
-                              f"or a multiple of {small.rows}")
+    most = wide.rows if hopper else large.rows
+    raise NotImplementedError(f"num_heads={num_heads}: MLA supports up to {most} heads on this "
+                              f"GPU, or a multiple of {small.rows}")
 
 
 class BatchMLA:

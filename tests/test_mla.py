@@ -76,7 +76,7 @@ def plan_args(**over):
     (dict(sm_scale=None), ValueError, "sm_scale must be a finite number > 0"),
     (dict(sm_scale=-1.0), ValueError, "sm_scale"),
     (dict(head_dim_kpe=128), NotImplementedError, "head_dim_kpe=64"),
-    (dict(num_heads=40), NotImplementedError, "num_heads=40"),
+    (dict(num_heads=72), NotImplementedError, "num_heads=72"),  # refused on every path
     (dict(num_heads=0), ValueError, "num_heads"),
     (dict(qo_indptr=I32(0, 1)), ValueError, "qo_indptr must have batch \\+ 1 = 3"),
     (dict(kv_lens=I32(3, 40)), ValueError, "kv_lens"),
@@ -111,6 +111,12 @@ def test_choose_tiles_on_hopper(heads, qo, rows, group, op):
     """More than 32 (query, head) rows take the 64-row wgmma tiles on the sm_90a path."""
     cfg, g = mla.choose_tiles(heads, qo, hopper=True)
     assert (cfg.rows, g, cfg.op) == (rows, group, op)
+
+
+@pytest.mark.parametrize("hopper, most", [(False, 32), (True, 64)])
+def test_unsupported_head_count_names_the_limit(hopper, most):
+    with pytest.raises(NotImplementedError, match=f"num_heads=72: MLA supports up to {most} heads"):
+        mla.choose_tiles(72, 1, hopper=hopper)
 
 
 def test_hopper_mla_tiles_fit_an_sm():

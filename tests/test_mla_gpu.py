@@ -109,7 +109,8 @@ def test_non_causal_multi_token_and_long_queries():
 
 
 def test_other_head_counts():
-    """8 heads (two queries share a 16-row CTA) and 48 (three 16-head blocks)."""
+    """8 heads (two queries share a 16-row CTA) and 48 (three 16-head blocks; one 64-row block
+    of the wgmma kernel on Hopper)."""
     rng = np.random.default_rng(48)
     run_and_check(rng, 8, 16, [100, 1], [1, 1], A.FLOAT16)
     run_and_check(rng, 48, 16, [100, 1], [2, 1], A.FLOAT16, causal=True)
