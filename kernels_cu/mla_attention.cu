@@ -132,11 +132,7 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float mx = NEG_INF;
-#pragma unroll
-        for (int n = 0; n < WARP_KEYS / 8; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float mx = quad_row_max(s[mt], h);
         if (lane % 4 == 0) row_red[warp * ROWS + mt * 16 + lane / 4 + 8 * h] = mx;
       }
     __syncthreads();

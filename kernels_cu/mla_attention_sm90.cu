@@ -84,11 +84,7 @@ __global__ void __launch_bounds__(256, 1) mla_attention_sm90_kernel(const MLAPar
     // Row maxima of this warpgroup's keys, then of the whole tile (through shared memory).
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float mx = NEG_INF;
-#pragma unroll
-      for (int n = 0; n < WG_KEYS / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      const float mx = quad_row_max(s, h);
       if (lane % 4 == 0) row_red[wg * ROWS + row0 + lane / 4 + 8 * h] = mx;
     }
     __syncthreads();

@@ -94,6 +94,17 @@ __device__ __forceinline__ void c_to_a(const float (&c)[N][4], int kt, unsigned 
   a[3] = pack_pair<T>(c[2 * kt + 1][2], c[2 * kt + 1][3]);
 }
 
+// Max over row g + 8h of C fragments c[n][e] (elements 2h, 2h + 1 of each 8 columns, across
+// the quad's four threads): the row's max over all N * 8 columns, in every thread of the quad.
+template <int N>
+__device__ __forceinline__ float quad_row_max(const float (&c)[N][4], int h) {
+  float mx = -__int_as_float(0x7f800000);  // -inf
+#pragma unroll
+  for (int n = 0; n < N; ++n) mx = fmaxf(mx, fmaxf(c[n][2 * h], c[n][2 * h + 1]));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+  return fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+}
+
 // Store two adjacent elements (ptr 4-byte aligned for 2-byte T, 8-byte for float).
 template <typename T>
 __device__ __forceinline__ void store_pair(T* ptr, float lo, float hi) {

@@ -66,11 +66,7 @@ __device__ __forceinline__ void softmax_rescale(const float (&s)[WARP_KEYS / 8][
                                                 float (&m_ref)[2]) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    float tile_max = NEG_INF;
-#pragma unroll
-    for (int n = 0; n < WARP_KEYS / 8; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
+    const float tile_max = quad_row_max(s, h);
     const float m_new = fmaxf(st.m[h], tile_max * scale);  // scale > 0: max commutes with it
     m_ref[h] = m_new == NEG_INF ? 0.f : m_new;
     const float rescale = exp2f(st.m[h] - m_ref[h]);
