@@ -388,8 +388,15 @@ def load_kernel(op: str, targs: tuple, smem: int, what: str):
 
 
 def _attention_kernel(cfg, dtype, head_dim: int):
-    return load_kernel(cfg.op, cfg.targs(_kernels.CTYPES[A.dtype_name(dtype)], head_dim),
-                       cfg.smem_bytes(head_dim), f"head_dim {head_dim} with these tiles")
+    kernel = load_kernel(cfg.op, cfg.targs(_kernels.CTYPES[A.dtype_name(dtype)], head_dim),
+                         cfg.smem_bytes(head_dim), f"head_dim {head_dim} with these tiles")
+    if isinstance(cfg, _tiles.HopperTileConfig) and kernel.num_regs != cfg.launch_registers:
+        # Its warpgroups trade registers (setmaxnreg) within the launch's share: with another
+        # share the consumers would wait forever for registers the producer never frees.
+        raise RuntimeError(f"{cfg.op} {cfg.targs('T', head_dim)} was built with "
+                           f"{kernel.num_regs} registers a thread; its register split assumes "
+                           f"{cfg.launch_registers}")
+    return kernel
 
 
 def preload(cfg: _tiles.TileConfig, dtype, head_dim: int) -> None:

@@ -56,9 +56,9 @@ DECODE = {64: TileConfig(1, 1, 4, 64, 2), 128: TileConfig(1, 1, 4, 64, 2),
 @dataclass(frozen=True)
 class HopperTileConfig:
     """``batch_attention_sm90_kernel<T, HEAD_DIM, WARPGROUPS, TILE, STAGES, CTAS>`` (wgmma,
-    sm_90a): a CTA holds ``64 * warpgroups`` packed rows, 64 per warpgroup; keys stream ``TILE``
-    at a time through ``STAGES`` buffers; registers are capped so that ``CTAS`` CTAs fit an SM.
-    Same planning interface as TileConfig."""
+    sm_90a, warp specialised): a producer warpgroup streams keys ``TILE`` at a time through
+    ``STAGES`` buffers to ``warpgroups`` consumer warpgroups of 64 packed rows each; registers
+    are capped so that ``CTAS`` CTAs fit an SM. Same planning interface as TileConfig."""
     warpgroups: int
     tile: int
     stages: int
@@ -72,12 +72,19 @@ class HopperTileConfig:
 
     @property
     def threads(self) -> int:
-        return 128 * self.warpgroups
+        return 128 * (self.warpgroups + 1)
+
+    @property
+    def launch_registers(self) -> int:
+        """Registers a thread at launch (the kernel's launch_registers()): the register file's
+        share of each thread, a multiple of 8, at most 248."""
+        return min(248, 65536 // self.threads // 8 * 8)
 
     def smem_bytes(self, head_dim: int) -> int:
-        """Q rows + K/V stages (each a multiple of 1024 bytes: the tiles stay aligned)."""
+        """Q rows + K/V stages (each a multiple of 1024 bytes: the tiles stay aligned) + the
+        stages' full and empty barriers and Q's (8 bytes each)."""
         row = head_dim * 2
-        return self.rows * row + 2 * self.stages * self.tile * row
+        return self.rows * row + 2 * self.stages * self.tile * row + 8 * (2 * self.stages + 1)
 
     def targs(self, ctype: str, head_dim: int) -> tuple[str, ...]:
         return (ctype, str(head_dim), str(self.warpgroups), str(self.tile), str(self.stages),

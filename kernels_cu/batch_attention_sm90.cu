@@ -1,23 +1,25 @@
 // batch_attention_sm90: batch_attention (same work items, masks, outputs and split-KV partial
-// states) with both matrix products on Hopper's warpgroup MMA (wgmma, sm_90a only).
+// states) with both matrix products on Hopper's warpgroup MMA (wgmma, sm_90a only), warp
+// specialised.
 //
-// Block: WARPGROUPS x 4 warps. A CTA owns ROWS = 64 * WARPGROUPS packed (query, head) rows (as in
-// batch_attention: row r is query q_start + r / group, head kv_head * group + r % group);
-// warpgroup g computes rows [64 g, 64 g + 64), warp i of it 16 of them, so each thread's S and O
-// registers are mma.sync C fragments and tile_softmax.cuh serves both kernels.
-// Per tile of TILE keys:
-//   S [64 x TILE] = Q K^T: HEAD_DIM / 16 wgmma, K read from shared memory, Q from registers
-//   (A fragments loaded once) up to head_dim 128, from shared memory beyond;
+// Block: 1 + WARPGROUPS warpgroups. Warpgroup 0 is the producer: it copies the item's Q rows and
+// its K / V tiles (cp.async, in wgmma's swizzled layout) into shared memory, STAGES tiles ahead,
+// and signals each stage's "full" barrier as its copies land (mbarrier.cuh); it keeps few
+// registers. Warpgroups 1.. are consumers, each with 64 of the CTA's ROWS = 64 * WARPGROUPS
+// packed (query, head) rows (as in batch_attention: row r is query q_start + r / group, head
+// kv_head * group + r % group); warp i of them holds rows [16 i, 16 i + 16), so each thread's S
+// and O registers are mma.sync C fragments and tile_softmax.cuh serves both kernels.
+// Per tile of TILE keys, each consumer warpgroup on its own (no CTA-wide barrier: one warpgroup's
+// softmax overlaps the other's matrix products):
+//   wait "full"; S [64 x TILE] = Q K^T: HEAD_DIM / 16 wgmma, Q and K from shared memory;
 //   mask + online softmax in registers (P stays where S was);
-//   O [64 x HEAD_DIM] += P V: TILE / 16 steps, P from registers, V read transposed.
-// Q, K and V arrive by cp.async in wgmma's swizzled layout (SwizzledBlocks) through STAGES
-// buffers, refilled right after the barrier that opens a tile; keys past the item's range are
-// zero-filled and masked. (Issuing S of tile t + 1 before the softmax of tile t, with two S
-// register sets, measured no faster: the loop is bound by instruction issue, not by waiting on
-// the tensor cores.)
+//   O [64 x HEAD_DIM] += P V: TILE / 16 steps, P from registers, V read transposed;
+//   each warp arrives on the stage's "empty" barrier, which the producer waits for to refill it.
+// Keys past the item's range are zero-filled and masked.
 #include "common/dtypes.cuh"
 #include "common/mma.cuh"
 #include "common/wgmma.cuh"
+#include "common/mbarrier.cuh"
 #include "common/attention_params.cuh"
 #include "common/work_item.cuh"
 #include "common/kv_tiles.cuh"
@@ -25,16 +27,33 @@
 
 using namespace cpattn;
 
+// Registers per thread after the split. setmaxnreg moves registers between the warpgroups of a
+// CTA, within what the launch gave it (launch_registers a thread: the register file shared by
+// the CTA's threads, a multiple of 8): the producer keeps enough for the page ids of its key
+// rows and gives the rest to the consumers (at most 248 each). Asking for more than was given
+// back would block forever.
+constexpr int PRODUCER_REGISTERS = 96;
+template <int WARPGROUPS>
+constexpr int launch_registers() {
+  const int share = 65536 / (128 * (WARPGROUPS + 1)) / 8 * 8;
+  return share < 248 ? share : 248;
+}
+template <int WARPGROUPS>
+constexpr int consumer_registers() {
+  const int share = (launch_registers<WARPGROUPS>() * (WARPGROUPS + 1) - PRODUCER_REGISTERS) /
+                    WARPGROUPS / 8 * 8;
+  return share < 248 ? share : 248;
+}
+
 template <typename T, int HEAD_DIM, int WARPGROUPS, int TILE, int STAGES, int CTAS>
-__global__ void __launch_bounds__(128 * WARPGROUPS, CTAS)
+__global__ void __launch_bounds__(128 * (WARPGROUPS + 1), CTAS)
 batch_attention_sm90_kernel(const AttentionParams p) {
   constexpr int ROWS = 64 * WARPGROUPS;
-  constexpr int THREADS = 128 * WARPGROUPS;
   constexpr int CHUNKS = HEAD_DIM / 8;        // 16-byte chunks per row of q, k, v
   constexpr int PV_N = HEAD_DIM >= 128 ? 128 : 64;  // output dims of one P V wgmma
   static_assert(HEAD_DIM % 64 == 0, "head_dim must be a multiple of 64 (128-byte swizzle blocks)");
   static_assert(TILE == 64 || TILE == 128, "S = Q K^T is one wgmma wide (n 64 or 128)");
-  static_assert(STAGES >= 2, "cp.async pipeline needs two stages at least");
+  static_assert(STAGES >= 2, "the producer runs a tile ahead at least");
 
   WorkItem w;
   if (!load_work_item<ROWS, true>(p, p.num_qo_heads / p.group_size, w)) return;
@@ -45,48 +64,65 @@ batch_attention_sm90_kernel(const AttentionParams p) {
   uint4* q_tile = smem;                               // ROWS x CHUNKS, SwizzledBlocks<ROWS>
   uint4* k_tiles = q_tile + ROWS * CHUNKS;            // [STAGES] TILE x CHUNKS, SwizzledBlocks<TILE>
   uint4* v_tiles = k_tiles + STAGES * TILE * CHUNKS;  // [STAGES] TILE x CHUNKS
-  const int warp = threadIdx.x / 32, group_of_warp = warp / 4;
+  unsigned long long* full = reinterpret_cast<unsigned long long*>(v_tiles + STAGES * TILE * CHUNKS);
+  unsigned long long* empty = full + STAGES;          // [STAGES]
+  unsigned long long* q_full = empty + STAGES;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbarrier_init(&full[s], 128);           // every producer thread's copies
+      mbarrier_init(&empty[s], 4 * WARPGROUPS);  // every consumer warp
+    }
+    mbarrier_init(q_full, 128);
+    mbarrier_init_fence();
+  }
+  __syncthreads();
 
-  issue_q_rows<SwizzledBlocks<ROWS>, T, ROWS, CHUNKS, THREADS>(p, w, q_tile);
-  KVTiles<SwizzledBlocks<TILE>, T, CHUNKS, THREADS, TILE, STAGES> kv(
-      p, k_tiles, v_tiles, w.request, w.head_block, tiles.kv_begin, w.kv_end, num_tiles);
-  kv.start();  // Q travels in the first group
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {  // producer
+    warpgroup_registers_dec<PRODUCER_REGISTERS>();
+    issue_q_rows<SwizzledBlocks<ROWS>, T, ROWS, CHUNKS, 128>(p, w, q_tile);
+    cp_async_arrive(q_full);
+    KVTiles<SwizzledBlocks<TILE>, T, CHUNKS, 128, TILE, STAGES> kv(
+        p, k_tiles, v_tiles, w.request, w.head_block, tiles.kv_begin, w.kv_end, num_tiles);
+    kv.fetch_pages(0);
+    for (int t = 0; t < num_tiles; ++t) {
+      const int stage = t % STAGES;
+      mbarrier_wait(&empty[stage], ((t / STAGES) & 1) ^ 1);
+      kv.produce(t, stage, &full[stage]);
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    return;
+  }
+  warpgroup_registers_inc<consumer_registers<WARPGROUPS>()>();
 
-  RowsState<HEAD_DIM> st;
-  init_rows(st);
-  const int row0 = warp * 16;  // = 64 * group_of_warp + 16 * (warp % 4)
+  const int warp = threadIdx.x / 32 - 4;  // among the consumers
+  const int row0 = warp * 16;             // = 64 * (warpgroup - 1) + 16 * (warp % 4)
   const float logits_scale = p.soft_cap_log2 > 0.f ? 1.f : p.logits_scale;
-  // Q of this warpgroup: its 64 rows of each 64-dim block (8 rows of 128 bytes = 1024 apart),
-  // read by each Q K^T from shared memory, or once into registers (A fragments of the warp's 16
-  // rows) where they fit: shared memory then serves K alone.
-  const uint4* q_rows = q_tile + group_of_warp * 64 * 8;
-  constexpr bool Q_IN_REGISTERS = HEAD_DIM <= 128 && TILE == 64;
-  unsigned q_frag[Q_IN_REGISTERS ? HEAD_DIM / 16 : 1][4];
-  const int lane = threadIdx.x % 32;
+  // This warpgroup's 64 rows of each 64-dim block of Q (8 rows of 128 bytes = 1024 apart).
+  const uint4* q_rows = q_tile + (warpgroup - 1) * 64 * 8;
+  const uint4* k_stages = k_tiles;
+  const uint4* v_stages = v_tiles;
 
-  // S = Q K^T of tile t into s: k-step kk reads dims [16 kk, 16 kk + 16), block kk / 4, 32
-  // bytes into its rows (descriptor addresses count 16 bytes).
-  auto scores = [&](int t, float (&s)[TILE / 8][4]) {
-    const unsigned long long k_desc = smem_desc(kv.k_stage(t), 16, 1024);
+  // S = Q K^T of the tile in `stage` into s: k-step kk reads dims [16 kk, 16 kk + 16), block
+  // kk / 4, 32 bytes into its rows (descriptor addresses count 16 bytes).
+  auto scores = [&](int stage, float (&s)[TILE / 8][4]) {
+    const unsigned long long k_desc = smem_desc(k_stages + stage * TILE * CHUNKS, 16, 1024);
     const unsigned long long q_desc = smem_desc(q_rows, 16, 1024);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
       const int block = kk / 4, chunk = (kk % 4) * 2;
-      if constexpr (Q_IN_REGISTERS)
-        Wgmma<T, TILE>::template rs<0>(s, q_frag[kk], k_desc + block * TILE * 8 + chunk, kk > 0);
-      else
-        Wgmma<T, TILE>::ss(s, q_desc + block * ROWS * 8 + chunk, k_desc + block * TILE * 8 + chunk,
-                           kk > 0);
+      Wgmma<T, TILE>::ss(s, q_desc + block * ROWS * 8 + chunk, k_desc + block * TILE * 8 + chunk,
+                         kk > 0);
     }
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(s);
   };
-  // O += P V of tile t, P in s: keys [16 kt, 16 kt + 16) are 16 rows (2048 bytes) into V's
-  // blocks; one wgmma covers PV_N output dims, PV_N / 64 blocks of TILE * 128 bytes each.
-  auto values = [&](int t, const float (&s)[TILE / 8][4]) {
-    const unsigned long long v_desc = smem_desc(kv.v_stage(t), TILE * 128, 1024);
+  // O += P V of the tile in `stage`, P in s: keys [16 kt, 16 kt + 16) are 16 rows (2048 bytes)
+  // into V's blocks; one wgmma covers PV_N output dims, PV_N / 64 blocks of TILE * 128 bytes.
+  auto values = [&](int stage, const float (&s)[TILE / 8][4], RowsState<HEAD_DIM>& st) {
+    const unsigned long long v_desc = smem_desc(v_stages + stage * TILE * CHUNKS, TILE * 128, 1024);
     wgmma_fence();
 #pragma unroll
     for (int kt = 0; kt < TILE / 16; ++kt) {
@@ -103,29 +139,23 @@ batch_attention_sm90_kernel(const AttentionParams p) {
     fence_operands(st.o);
   };
 
-  cp_async_wait<STAGES - 2>();  // Q (and tile 0) landed
-  fence_proxy_async();
-  __syncthreads();
-  if constexpr (Q_IN_REGISTERS) {
-#pragma unroll
-    for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
-      ldmatrix_x4(q_frag[kk], q_tile + SwizzledBlocks<ROWS>::at(row0 + lane % 16, kk * 2 + lane / 16));
-  }
+  RowsState<HEAD_DIM> st;
+  init_rows(st);
+  mbarrier_wait(q_full, 0);
   for (int t = 0; t < num_tiles; ++t) {
-    cp_async_wait<STAGES - 2>();  // tile t landed: later groups are t + 1 .. t + STAGES - 2
-    fence_proxy_async();
-    __syncthreads();  // ... for every thread, and every thread is done with tile t - 1: its
-    // stage takes tile t + STAGES - 1.
-    kv.refill(t);
+    const int stage = t % STAGES;
+    mbarrier_wait(&full[stage], (t / STAGES) & 1);
+    fence_proxy_async();  // the producer's cp.async writes, next read by wgmma (async proxy)
     const int mask_class = tiles.mask_class(p, t);
-    if (mask_class == 0) continue;
-    float s[TILE / 8][4];
-    scores(t, s);
-    softmax_block<HEAD_DIM, TILE>(s, st, p, w, row0, tiles.kv_begin + t * TILE, mask_class,
-                                  logits_scale);
-    values(t, s);
+    if (mask_class != 0) {
+      float s[TILE / 8][4];
+      scores(stage, s);
+      softmax_block<HEAD_DIM, TILE>(s, st, p, w, row0, tiles.kv_begin + t * TILE, mask_class,
+                                    logits_scale);
+      values(stage, s, st);
+    }
+    if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty[stage]);
   }
-  cp_async_wait<0>();
 
   sum_row_denominators(st);
   store_rows<T, HEAD_DIM>(p, w, row0, st);

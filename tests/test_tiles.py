@@ -11,7 +11,7 @@ def test_hopper_tiles_match_the_mma_sync_rows_and_fit(head_dim):
     hopper, ampere = _tiles.PREFILL_SM90[head_dim], _tiles.PREFILL[head_dim]
     # Same rows: a plan's GQA limit and query tiles do not depend on the path.
     assert hopper.rows == ampere.rows
-    assert hopper.threads == 128 * hopper.warpgroups
+    assert hopper.threads == 128 * (hopper.warpgroups + 1)  # a producer + the consumers
     assert hopper.smem_bytes(head_dim) <= SMEM_PER_BLOCK
     # wgmma's swizzled tiles start 1024-byte aligned: Q and every K / V stage are multiples.
     assert hopper.rows * head_dim * 2 % 1024 == 0 and hopper.tile * head_dim * 2 % 1024 == 0

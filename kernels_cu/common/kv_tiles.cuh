@@ -11,6 +11,7 @@
 #include "common/attention_params.cuh"
 #include "common/work_item.cuh"
 #include "common/paged.cuh"
+#include "common/mbarrier.cuh"
 
 namespace cpattn {
 
@@ -99,8 +100,8 @@ struct KVTiles {
     }
   }
 
-  // One commit group: K of `tile` into k_tile and V into v_tile (its pages fetched before).
-  __device__ __forceinline__ void issue(int tile, uint4* k_tile, uint4* v_tile) {
+  // K of `tile` into k_tile and V into v_tile (its pages fetched before), uncommitted.
+  __device__ __forceinline__ void copy(int tile, uint4* k_tile, uint4* v_tile) {
     const int chunk = threadIdx.x % CHUNKS;
 #pragma unroll
     for (int i = 0; i < KEYS_PER_THREAD; ++i) {
@@ -115,7 +116,21 @@ struct KVTiles {
       cp_async_16(k_tile + at, k_head + (valid ? k_off : 0), valid);
       cp_async_16(v_tile + at, v_head + (valid ? v_off : 0), valid);
     }
+  }
+
+  // One commit group: copy(), committed.
+  __device__ __forceinline__ void issue(int tile, uint4* k_tile, uint4* v_tile) {
+    copy(tile, k_tile, v_tile);
     cp_async_commit();
+  }
+
+  // Producer / consumer pipelines (mbarrier.cuh): tile t into stage `stage`, then one arrival
+  // on `full` when this thread's copies have landed; the page ids of tile t + 1 are fetched
+  // while the producer waits for its next stage.
+  __device__ __forceinline__ void produce(int t, int stage, unsigned long long* full) {
+    copy(t, k_tiles + stage * TILE * CHUNKS, v_tiles + stage * TILE * CHUNKS);
+    cp_async_arrive(full);
+    fetch_pages(t + 1);
   }
 
   __device__ __forceinline__ const uint4* k_stage(int t) const {
