@@ -444,9 +444,12 @@ class Launcher:
         self.params = params
         self._pointers = params.reshape(1).view(np.uint64)[:5]  # q, k, v, o, lse: the first fields
         self.num_kv_heads = num_kv_heads
-        # One grid dimension: the kernel takes (item, kv head) from blockIdx.x (work_item.cuh).
+        # Persistent kernels loop over the works (item, kv head), any grid; the others take one
+        # from blockIdx.x (work_item.cuh).
+        self._most_ctas = (num_sms() * cfg.ctas if isinstance(cfg, _tiles.HopperTileConfig)
+                           else None)
         self.launch = DirectLaunch(_attention_kernel(cfg, dtype, head_dim),
-                                   (grid_items * num_kv_heads,), (cfg.threads,),
+                                   self._grid(grid_items), (cfg.threads,),
                                    cfg.smem_bytes(head_dim), [params])
         self.kv_layout, self.paged = kv_layout, paged
         self._layout_of = None  # (strides of q, shape and strides of k, v) the strides were set for
@@ -469,8 +472,12 @@ class Launcher:
         self.merge = (VarlenMerge(partial_o, partial_lse, 1, indptr_ptr, rows, dtype),
                       partial_o, partial_lse)
 
+    def _grid(self, grid_items: int) -> tuple[int, int, int]:
+        ctas = grid_items * self.num_kv_heads
+        return (ctas if self._most_ctas is None else min(ctas, self._most_ctas), 1, 1)
+
     def set_grid(self, grid_items: int) -> None:
-        self.launch.grid = (grid_items * self.num_kv_heads,) + self.launch.grid[1:]
+        self.launch.grid = self._grid(grid_items)
 
     def __call__(self, q, k, v, out, lse, stream=None) -> None:
         params = self.params

@@ -56,9 +56,10 @@ DECODE = {64: TileConfig(1, 1, 4, 64, 2), 128: TileConfig(1, 1, 4, 64, 2),
 @dataclass(frozen=True)
 class HopperTileConfig:
     """``batch_attention_sm90_kernel<T, HEAD_DIM, WARPGROUPS, TILE, STAGES, CTAS>`` (wgmma,
-    sm_90a, warp specialised): a producer warpgroup streams keys ``TILE`` at a time through
-    ``STAGES`` buffers to ``warpgroups`` consumer warpgroups of 64 packed rows each; registers
-    are capped so that ``CTAS`` CTAs fit an SM. Same planning interface as TileConfig."""
+    sm_90a, warp specialised, persistent): a producer warpgroup streams keys ``TILE`` at a time
+    through ``STAGES`` buffers to ``warpgroups`` consumer warpgroups of 64 packed rows each;
+    registers are capped so that ``CTAS`` CTAs fit an SM, and the grid holds at most that many
+    CTAs per SM, each looping over works. Same planning interface as TileConfig."""
     warpgroups: int
     tile: int
     stages: int
@@ -81,19 +82,20 @@ class HopperTileConfig:
         return min(248, 65536 // self.threads // 8 * 8)
 
     def smem_bytes(self, head_dim: int) -> int:
-        """Q rows + K/V stages (each a multiple of 1024 bytes: the tiles stay aligned) + the
-        stages' full and empty barriers and Q's (8 bytes each)."""
+        """Two buffers of Q rows + K/V stages (each a multiple of 1024 bytes: the tiles stay
+        aligned) + the full and empty barriers of the stages and of the Q buffers (8 bytes each)."""
         row = head_dim * 2
-        return self.rows * row + 2 * self.stages * self.tile * row + 8 * (2 * self.stages + 1)
+        return 2 * self.rows * row + 2 * self.stages * self.tile * row + 8 * (2 * self.stages + 4)
 
     def targs(self, ctype: str, head_dim: int) -> tuple[str, ...]:
         return (ctype, str(head_dim), str(self.warpgroups), str(self.tile), str(self.stages),
                 str(self.ctas))
 
 
-#: Hopper prefill: two warpgroups of 64 rows (one at head_dim 256, for registers), three stages.
-PREFILL_SM90 = {64: HopperTileConfig(2, 128, 2), 128: HopperTileConfig(2, 128, 2),
-                256: HopperTileConfig(1, 64, 3)}
+#: Hopper prefill: two consumer warpgroups of 64 rows (one at head_dim 256, for registers); as
+#: many stages as fit beside the two Q buffers.
+PREFILL_SM90 = {64: HopperTileConfig(2, 128, 4), 128: HopperTileConfig(2, 128, 2),
+                256: HopperTileConfig(1, 64, 2)}
 
 
 def hopper_variants() -> list[tuple[str, ...]]:

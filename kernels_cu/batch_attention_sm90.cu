@@ -2,10 +2,11 @@
 // states) with both matrix products on Hopper's warpgroup MMA (wgmma, sm_90a only), warp
 // specialised.
 //
-// Block: 1 + WARPGROUPS warpgroups. Warpgroup 0 is the producer: it copies the item's Q rows and
-// its K / V tiles (cp.async, in wgmma's swizzled layout) into shared memory, STAGES tiles ahead,
-// and signals each stage's "full" barrier as its copies land (mbarrier.cuh); it keeps few
-// registers. Warpgroups 1.. are consumers, each with 64 of the CTA's ROWS = 64 * WARPGROUPS
+// Persistent: a grid of at most one CTA per SM, each looping over works (item, kv head).
+// Block: 1 + WARPGROUPS warpgroups. Warpgroup 0 is the producer: it copies each work's Q rows
+// (two buffers: the next work's while this one's are read) and K / V tiles (cp.async, in wgmma's
+// swizzled layout) into shared memory, STAGES tiles ahead, across works, and signals each
+// buffer's "full" barrier as its copies land (mbarrier.cuh); it keeps few registers. Warpgroups 1.. are consumers, each with 64 of the CTA's ROWS = 64 * WARPGROUPS
 // packed (query, head) rows (as in batch_attention: row r is query q_start + r / group, head
 // kv_head * group + r % group); warp i of them holds rows [16 i, 16 i + 16), so each thread's S
 // and O registers are mma.sync C fragments and tile_softmax.cuh serves both kernels.
@@ -55,40 +56,51 @@ batch_attention_sm90_kernel(const AttentionParams p) {
   static_assert(TILE == 64 || TILE == 128, "S = Q K^T is one wgmma wide (n 64 or 128)");
   static_assert(STAGES >= 2, "the producer runs a tile ahead at least");
 
-  WorkItem w;
-  if (!load_work_item<ROWS, true>(p, p.num_qo_heads / p.group_size, w)) return;
-  const KeyTiles<TILE> tiles(p, w);
-  const int num_tiles = tiles.num_tiles;
-
   extern __shared__ __align__(1024) uint4 smem[];
-  uint4* q_tile = smem;                               // ROWS x CHUNKS, SwizzledBlocks<ROWS>
-  uint4* k_tiles = q_tile + ROWS * CHUNKS;            // [STAGES] TILE x CHUNKS, SwizzledBlocks<TILE>
+  uint4* q_tiles = smem;                              // [2] ROWS x CHUNKS, SwizzledBlocks<ROWS>
+  uint4* k_tiles = q_tiles + 2 * ROWS * CHUNKS;       // [STAGES] TILE x CHUNKS, SwizzledBlocks<TILE>
   uint4* v_tiles = k_tiles + STAGES * TILE * CHUNKS;  // [STAGES] TILE x CHUNKS
   unsigned long long* full = reinterpret_cast<unsigned long long*>(v_tiles + STAGES * TILE * CHUNKS);
   unsigned long long* empty = full + STAGES;          // [STAGES]
-  unsigned long long* q_full = empty + STAGES;
+  unsigned long long* q_full = empty + STAGES;        // [2]
+  unsigned long long* q_empty = q_full + 2;           // [2]
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbarrier_init(&full[s], 128);           // every producer thread's copies
+      mbarrier_init(&full[s], 128);              // every producer thread's copies
       mbarrier_init(&empty[s], 4 * WARPGROUPS);  // every consumer warp
     }
-    mbarrier_init(q_full, 128);
+    for (int b = 0; b < 2; ++b) {
+      mbarrier_init(&q_full[b], 128);
+      mbarrier_init(&q_empty[b], 4 * WARPGROUPS);
+    }
     mbarrier_init_fence();
   }
   __syncthreads();
 
+  // Works x = blockIdx.x + n * gridDim.x; work n uses Q buffer n % 2, and the tiles of all works
+  // go round the stages in one sequence (`tile`: tile count so far), so the producer loads the
+  // next work's Q and first tiles while the consumers finish this one.
+  const int head_blocks = p.num_qo_heads / p.group_size, works = num_works(p, head_blocks);
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer
     warpgroup_registers_dec<PRODUCER_REGISTERS>();
-    issue_q_rows<SwizzledBlocks<ROWS>, T, ROWS, CHUNKS, 128>(p, w, q_tile);
-    cp_async_arrive(q_full);
-    KVTiles<SwizzledBlocks<TILE>, T, CHUNKS, 128, TILE, STAGES> kv(
-        p, k_tiles, v_tiles, w.request, w.head_block, tiles.kv_begin, w.kv_end, num_tiles);
-    kv.fetch_pages(0);
-    for (int t = 0; t < num_tiles; ++t) {
-      const int stage = t % STAGES;
-      mbarrier_wait(&empty[stage], ((t / STAGES) & 1) ^ 1);
-      kv.produce(t, stage, &full[stage]);
+    int tile = 0;
+    for (int x = blockIdx.x, n = 0; x < works; x += gridDim.x, ++n) {
+      WorkItem w;
+      work_item_at<ROWS>(p, x, w);
+      const KeyTiles<TILE> tiles(p, w);
+      const int qb = n % 2;
+      mbarrier_wait(&q_empty[qb], ((n / 2) & 1) ^ 1);
+      issue_q_rows<SwizzledBlocks<ROWS>, T, ROWS, CHUNKS, 128>(p, w, q_tiles + qb * ROWS * CHUNKS);
+      cp_async_arrive(&q_full[qb]);
+      KVTiles<SwizzledBlocks<TILE>, T, CHUNKS, 128, TILE, STAGES> kv(
+          p, k_tiles, v_tiles, w.request, w.head_block, tiles.kv_begin, w.kv_end, tiles.num_tiles);
+      kv.fetch_pages(0);
+      for (int t = 0; t < tiles.num_tiles; ++t, ++tile) {
+        const int stage = tile % STAGES;
+        mbarrier_wait(&empty[stage], ((tile / STAGES) & 1) ^ 1);
+        kv.produce(t, stage, &full[stage]);
+      }
     }
     asm volatile("cp.async.wait_all;\n" ::: "memory");
     return;
@@ -98,15 +110,12 @@ batch_attention_sm90_kernel(const AttentionParams p) {
   const int warp = threadIdx.x / 32 - 4;  // among the consumers
   const int row0 = warp * 16;             // = 64 * (warpgroup - 1) + 16 * (warp % 4)
   const float logits_scale = p.soft_cap_log2 > 0.f ? 1.f : p.logits_scale;
-  // This warpgroup's 64 rows of each 64-dim block of Q (8 rows of 128 bytes = 1024 apart).
-  const uint4* q_rows = q_tile + (warpgroup - 1) * 64 * 8;
-  const uint4* k_stages = k_tiles;
-  const uint4* v_stages = v_tiles;
+  const bool lead = threadIdx.x % 32 == 0;  // arrives on "empty" barriers for its warp
 
-  // S = Q K^T of the tile in `stage` into s: k-step kk reads dims [16 kk, 16 kk + 16), block
-  // kk / 4, 32 bytes into its rows (descriptor addresses count 16 bytes).
-  auto scores = [&](int stage, float (&s)[TILE / 8][4]) {
-    const unsigned long long k_desc = smem_desc(k_stages + stage * TILE * CHUNKS, 16, 1024);
+  // S = Q K^T of the tile in `stage` into s, Q from q_rows: k-step kk reads dims [16 kk, 16 kk +
+  // 16), block kk / 4, 32 bytes into its rows (descriptor addresses count 16 bytes).
+  auto scores = [&](const uint4* q_rows, int stage, float (&s)[TILE / 8][4]) {
+    const unsigned long long k_desc = smem_desc(k_tiles + stage * TILE * CHUNKS, 16, 1024);
     const unsigned long long q_desc = smem_desc(q_rows, 16, 1024);
     wgmma_fence();
 #pragma unroll
@@ -122,7 +131,7 @@ batch_attention_sm90_kernel(const AttentionParams p) {
   // O += P V of the tile in `stage`, P in s: keys [16 kt, 16 kt + 16) are 16 rows (2048 bytes)
   // into V's blocks; one wgmma covers PV_N output dims, PV_N / 64 blocks of TILE * 128 bytes.
   auto values = [&](int stage, const float (&s)[TILE / 8][4], RowsState<HEAD_DIM>& st) {
-    const unsigned long long v_desc = smem_desc(v_stages + stage * TILE * CHUNKS, TILE * 128, 1024);
+    const unsigned long long v_desc = smem_desc(v_tiles + stage * TILE * CHUNKS, TILE * 128, 1024);
     wgmma_fence();
 #pragma unroll
     for (int kt = 0; kt < TILE / 16; ++kt) {
@@ -139,24 +148,33 @@ batch_attention_sm90_kernel(const AttentionParams p) {
     fence_operands(st.o);
   };
 
-  RowsState<HEAD_DIM> st;
-  init_rows(st);
-  mbarrier_wait(q_full, 0);
-  for (int t = 0; t < num_tiles; ++t) {
-    const int stage = t % STAGES;
-    mbarrier_wait(&full[stage], (t / STAGES) & 1);
-    fence_proxy_async();  // the producer's cp.async writes, next read by wgmma (async proxy)
-    const int mask_class = tiles.mask_class(p, t);
-    if (mask_class != 0) {
-      float s[TILE / 8][4];
-      scores(stage, s);
-      softmax_block<HEAD_DIM, TILE>(s, st, p, w, row0, tiles.kv_begin + t * TILE, mask_class,
-                                    logits_scale);
-      values(stage, s, st);
+  int tile = 0;
+  for (int x = blockIdx.x, n = 0; x < works; x += gridDim.x, ++n) {
+    WorkItem w;
+    work_item_at<ROWS>(p, x, w);
+    const KeyTiles<TILE> tiles(p, w);
+    const int qb = n % 2;
+    // This warpgroup's 64 rows of each 64-dim block of Q (8 rows of 128 bytes = 1024 apart).
+    const uint4* q_rows = q_tiles + qb * ROWS * CHUNKS + (warpgroup - 1) * 64 * 8;
+    RowsState<HEAD_DIM> st;
+    init_rows(st);
+    mbarrier_wait(&q_full[qb], (n / 2) & 1);
+    for (int t = 0; t < tiles.num_tiles; ++t, ++tile) {
+      const int stage = tile % STAGES;
+      mbarrier_wait(&full[stage], (tile / STAGES) & 1);
+      fence_proxy_async();  // the producer's cp.async writes, next read by wgmma (async proxy)
+      const int mask_class = tiles.mask_class(p, t);
+      if (mask_class != 0) {
+        float s[TILE / 8][4];
+        scores(q_rows, stage, s);
+        softmax_block<HEAD_DIM, TILE>(s, st, p, w, row0, tiles.kv_begin + t * TILE, mask_class,
+                                      logits_scale);
+        values(stage, s, st);
+      }
+      if (lead) mbarrier_arrive(&empty[stage]);
     }
-    if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty[stage]);
+    if (lead) mbarrier_arrive(&q_empty[qb]);
+    sum_row_denominators(st);
+    store_rows<T, HEAD_DIM>(p, w, row0, st);
   }
-
-  sum_row_denominators(st);
-  store_rows<T, HEAD_DIM>(p, w, row0, st);
 }

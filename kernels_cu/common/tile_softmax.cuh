@@ -34,12 +34,14 @@ __device__ __forceinline__ void scores_to_logits(float (&s)[WARP_KEYS / 8][4], c
       for (int e = 0; e < 4; ++e) s[n][e] = p.soft_cap_log2 * tanhf(s[n][e] * p.logits_scale);
   }
   if (!masked) return;
+  const int queries[2] = {q_start + (row0 + lane / 4) / p.group_size,  // of rows g and g + 8
+                          q_start + (row0 + lane / 4 + 8) / p.group_size};
 #pragma unroll
   for (int n = 0; n < WARP_KEYS / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int key = first_key + n * 8 + 2 * (lane % 4) + (e % 2);
-      const int query = q_start + (row0 + lane / 4 + 8 * (e / 2)) / p.group_size;
+      const int query = queries[e / 2];
       bool visible = key < kv_end;
       if (p.causal) visible &= key <= query + diag;
       if (p.window_left >= 0) visible &= key >= query + diag - p.window_left;

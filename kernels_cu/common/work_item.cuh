@@ -1,6 +1,7 @@
 // work_item.cuh: what one CTA of an attention kernel is given to do, read from the plan.
 //
-// The grid is one-dimensional (no 65535 limit on items), in one of two orders:
+// The grid is one-dimensional (no 65535 limit on items), one work per CTA in one of two orders
+// (or persistent: each CTA loops over works, see work_item_at):
 //   item-major: CTA x runs head block x % head_blocks of item x / head_blocks; the head blocks
 //     of an item run side by side (decode: an NHD token's heads are adjacent in memory);
 //   head-major: CTA x runs item x % items of head block x / items, items = gridDim.x /
@@ -23,19 +24,10 @@ struct WorkItem {
   int kv_begin, kv_end;     // the item's key range, its end clipped to the last query's causal bound
 };
 
-// Params: AttentionParams or MLAParams (the fields read here are named alike). False for a
-// spare CTA of a fixed grid (CUDA graphs): the plan has fewer items than the grid.
-template <int ROWS, bool HEAD_MAJOR = false, typename Params>
-__device__ __forceinline__ bool load_work_item(const Params& p, int head_blocks, WorkItem& w) {
-  if (HEAD_MAJOR) {
-    const int items = gridDim.x / head_blocks;
-    w.item = blockIdx.x % items;
-    w.head_block = blockIdx.x / items;
-  } else {
-    w.item = blockIdx.x / head_blocks;
-    w.head_block = blockIdx.x % head_blocks;
-  }
-  if (w.item >= *p.num_items) return false;
+// The rest of w, once w.item and w.head_block are set. Params: AttentionParams or MLAParams
+// (the fields read here are named alike).
+template <int ROWS, typename Params>
+__device__ __forceinline__ void read_work_item(const Params& p, WorkItem& w) {
   w.request = p.item_request[w.item];
   w.q_start = p.item_q_start[w.item];
   w.qo_begin = p.qo_indptr[w.request];
@@ -47,7 +39,38 @@ __device__ __forceinline__ bool load_work_item(const Params& p, int head_blocks,
   w.kv_begin = p.item_kv_start[w.item];
   w.kv_end = p.item_kv_end[w.item];
   if (p.causal) w.kv_end = min(w.kv_end, w.q_start + w.q_count + w.diag);
+}
+
+// The work of this CTA, in item- or head-major order over the grid. False for a spare CTA of a
+// fixed grid (CUDA graphs): the plan has fewer items than the grid.
+template <int ROWS, bool HEAD_MAJOR = false, typename Params>
+__device__ __forceinline__ bool load_work_item(const Params& p, int head_blocks, WorkItem& w) {
+  if (HEAD_MAJOR) {
+    const int items = gridDim.x / head_blocks;
+    w.item = blockIdx.x % items;
+    w.head_block = blockIdx.x / items;
+  } else {
+    w.item = blockIdx.x / head_blocks;
+    w.head_block = blockIdx.x % head_blocks;
+  }
+  if (w.item >= *p.num_items) return false;
+  read_work_item<ROWS>(p, w);
   return true;
+}
+
+// Persistent grids: a CTA runs works x = blockIdx.x, blockIdx.x + gridDim.x, ... below
+// num_works = items * head_blocks (the plan's items, read on the device), head-major: work x is
+// item x % items of head block x / items, so the CTAs running at once share a few heads' keys.
+template <typename Params>
+__device__ __forceinline__ int num_works(const Params& p, int head_blocks) {
+  return *p.num_items * head_blocks;
+}
+template <int ROWS, typename Params>
+__device__ __forceinline__ void work_item_at(const Params& p, int x, WorkItem& w) {
+  const int items = *p.num_items;
+  w.item = x % items;
+  w.head_block = x / items;
+  read_work_item<ROWS>(p, w);
 }
 
 }  // namespace cpattn
