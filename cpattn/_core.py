@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from . import _arrays as A
+from . import _tma
 from . import _kernels, _tiles, planner
 
 LOG2E = 1.4426950408889634
@@ -446,11 +447,16 @@ class Launcher:
         self.num_kv_heads = num_kv_heads
         # Persistent kernels loop over the works (item, kv head), any grid; the others take one
         # from blockIdx.x (work_item.cuh).
-        self._most_ctas = (num_sms() * cfg.ctas if isinstance(cfg, _tiles.HopperTileConfig)
-                           else None)
+        hopper = isinstance(cfg, _tiles.HopperTileConfig)
+        self._most_ctas = num_sms() * cfg.ctas if hopper else None
+        # Hopper: K / V tensor maps for its bulk copies of ragged rows (paged: none, cp.async).
+        self.maps = np.zeros((), _tma.KV_MAPS_DTYPE) if hopper else None
+        self._maps_of = None  # (pointers, shapes, strides) the maps were encoded for
+        self._box_rows, self.head_dim = cfg.tile, head_dim
         self.launch = DirectLaunch(_attention_kernel(cfg, dtype, head_dim),
                                    self._grid(grid_items), (cfg.threads,),
-                                   cfg.smem_bytes(head_dim), [params])
+                                   cfg.smem_bytes(head_dim),
+                                   [params] if self.maps is None else [params, self.maps])
         self.kv_layout, self.paged = kv_layout, paged
         self._layout_of = None  # (strides of q, shape and strides of k, v) the strides were set for
         self.merge = None  # split-KV: (VarlenMerge, partial buffers) set by set_split()
@@ -472,6 +478,35 @@ class Launcher:
         self.merge = (VarlenMerge(partial_o, partial_lse, 1, indptr_ptr, rows, dtype),
                       partial_o, partial_lse)
 
+    def _encode_maps(self, k, v) -> None:
+        """Tensor maps of K and V as rows ``[rows, kv_heads, head_dim]`` (ragged tokens, or the
+        page slots of an NHD pool), re-encoded when an array changes. Disabled (the kernel
+        copies by cp.async) when a stride does not suit them or, paged, unless pages are
+        contiguous runs of slots whose size (a multiple of 8, at most 2^31 slots in all) divides
+        the key tile and is a multiple of the keys between thread 0's copy rows (kv_tiles.cuh:
+        1024 / head_dim), so that its page ids name every page of a tile."""
+        seen = (k.data.ptr, v.data.ptr, k.shape, k.strides, v.strides)
+        if seen == self._maps_of:
+            return
+        maps, nhd = self.maps, self.kv_layout == "NHD"
+        strides = [kv_strides(x, self.kv_layout, self.paged) for x in (k, v)]  # (page, slot, head)
+        if self.paged:
+            page_size = k.shape[1] if nhd else k.shape[2]
+            rows, heads = k.shape[0] * page_size, k.shape[2] if nhd else k.shape[1]
+            box = page_size
+            fits = (nhd and page_size % 8 == 0 and page_size % (1024 // self.head_dim) == 0
+                    and self._box_rows % page_size == 0 and rows < 2 ** 31  # a power of two
+                    and all(page == page_size * slot for page, slot, _ in strides))
+        else:
+            rows, heads = (k.shape[0], k.shape[1]) if nhd else (k.shape[1], k.shape[0])
+            box, fits = self._box_rows, True
+        fits = fits and rows > 0 and all(s % 8 == 0 for st in strides for s in st[1:])
+        maps["enabled"] = int(fits)
+        if fits:
+            for name, x, (_, slot, head) in (("k", k, strides[0]), ("v", v, strides[1])):
+                _tma.encode_rows(maps[name], x.data.ptr, rows, heads, x.shape[-1], slot, head, box)
+        self._maps_of = seen
+
     def _grid(self, grid_items: int) -> tuple[int, int, int]:
         ctas = grid_items * self.num_kv_heads
         return (ctas if self._most_ctas is None else min(ctas, self._most_ctas), 1, 1)
@@ -491,6 +526,8 @@ class Launcher:
                 params[prefix + "_stride_slot"] = slot
                 params[prefix + "_stride_head"] = head
             self._layout_of = layout
+        if self.maps is not None:
+            self._encode_maps(k, v)
         if self.merge is not None:  # the kernel writes partial states; the merge, out and lse
             if lse is None:  # (allocated on the launch stream: freed behind the merge)
                 import cupy

@@ -92,8 +92,8 @@ class HopperTileConfig:
                 str(self.ctas))
 
 
-#: Hopper prefill: two consumer warpgroups of 64 rows (one at head_dim 256, for registers); as
-#: many stages as fit beside the two Q buffers.
+#: Hopper prefill: two consumer warpgroups of 64 rows (one at head_dim 256, for registers); keys in
+#: tiles of 128 (64 at head_dim 256) through as many stages as fit beside the two Q buffers.
 PREFILL_SM90 = {64: HopperTileConfig(2, 128, 4), 128: HopperTileConfig(2, 128, 2),
                 256: HopperTileConfig(1, 64, 2)}
 

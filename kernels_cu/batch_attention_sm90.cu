@@ -21,6 +21,7 @@
 #include "common/mma.cuh"
 #include "common/wgmma.cuh"
 #include "common/mbarrier.cuh"
+#include "common/tma.cuh"
 #include "common/attention_params.cuh"
 #include "common/work_item.cuh"
 #include "common/kv_tiles.cuh"
@@ -48,7 +49,7 @@ constexpr int consumer_registers() {
 
 template <typename T, int HEAD_DIM, int WARPGROUPS, int TILE, int STAGES, int CTAS>
 __global__ void __launch_bounds__(128 * (WARPGROUPS + 1), CTAS)
-batch_attention_sm90_kernel(const AttentionParams p) {
+batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTensorMaps maps) {
   constexpr int ROWS = 64 * WARPGROUPS;
   constexpr int CHUNKS = HEAD_DIM / 8;        // 16-byte chunks per row of q, k, v
   constexpr int PV_N = HEAD_DIM >= 128 ? 128 : 64;  // output dims of one P V wgmma
@@ -96,10 +97,48 @@ batch_attention_sm90_kernel(const AttentionParams p) {
       KVTiles<SwizzledBlocks<TILE>, T, CHUNKS, 128, TILE, STAGES> kv(
           p, k_tiles, v_tiles, w.request, w.head_block, tiles.kv_begin, w.kv_end, tiles.num_tiles);
       kv.fetch_pages(0);
+      const int page_mask = p.page_size - 1;
+      auto by_tma = [&](int t) {
+        const int first = tiles.kv_begin + t * TILE;
+        return maps.enabled && first + TILE <= w.kv_end && (!kv.paged || (first & page_mask) == 0);
+      };
       for (int t = 0; t < tiles.num_tiles; ++t, ++tile) {
-        const int stage = tile % STAGES;
+        const int stage = tile % STAGES, first = tiles.kv_begin + t * TILE;
         mbarrier_wait(&empty[stage], ((tile / STAGES) & 1) ^ 1);
-        kv.produce(t, stage, &full[stage]);
+        // Whole tiles of the request's keys come by TMA (ragged rows, or whole pages: the plan
+        // enables the maps only for power-of-two pages that divide the tile and that thread 0's
+        // page ids, one per ROW_STEP keys, cover); the rest by cp.async, zero-filled past the
+        // keys.
+        if (by_tma(t)) {
+          if (threadIdx.x == 0) {
+            fence_proxy_async();  // after the stage's earlier cp.async writes
+            mbarrier_arrive_expect_tx(&full[stage], 2 * TILE * HEAD_DIM * 2);
+            // Rows [row, row + box) of the maps into the stage's key rows from r.
+            auto load_box = [&](int r, int row) {
+#pragma unroll
+              for (int b = 0; b < HEAD_DIM / 64; ++b) {
+                const int at = (stage * CHUNKS + b * 8) * TILE + r * 8;
+                tma_load_rows(k_tiles + at, maps.k, b * 64, w.head_block, row, &full[stage]);
+                tma_load_rows(v_tiles + at, maps.v, b * 64, w.head_block, row, &full[stage]);
+              }
+            };
+            if (kv.paged) {
+#pragma unroll
+              for (int i = 0; i < decltype(kv)::KEYS_PER_THREAD; ++i) {
+                const int r = i * decltype(kv)::ROW_STEP;  // thread 0's key rows
+                if ((r & page_mask) == 0) load_box(r, kv.pages[i] * p.page_size);
+              }
+            } else {
+              load_box(0, static_cast<int>(kv.ragged_row) + first);
+            }
+          } else {
+            mbarrier_arrive(&full[stage]);
+          }
+          // The next tile's page ids: thread 0's alone when TMA brings it too.
+          if (kv.paged && (threadIdx.x == 0 || !by_tma(t + 1))) kv.fetch_pages(t + 1);
+        } else {  // zero-filled past the keys: cp.async
+          kv.produce(t, stage, &full[stage]);
+        }
       }
     }
     asm volatile("cp.async.wait_all;\n" ::: "memory");

@@ -1,0 +1,39 @@
+// tma.cuh: Hopper's bulk tensor copy (TMA): one thread moves a box of a strided global array into
+// shared memory, completing on an mbarrier by bytes (mbarrier.cuh), with no registers and no
+// per-element addressing. The tensor maps are encoded on the host (cpattn/_tma.py) and passed
+// as __grid_constant__ kernel parameters.
+#pragma once
+#include "common/mma.cuh"
+
+namespace cpattn {
+
+struct alignas(128) TensorMap {
+  unsigned long long opaque[16];
+};
+
+// K and V rows of a ragged batch, [rows, kv_heads, head_dim], in boxes of TILE rows x 64 dims of
+// one head (cpattn/_tma.py): 128-byte rows written with the 128-byte swizzle, which is the
+// layout of SwizzledBlocks (wgmma.cuh). enabled = 0: no maps (the kernel copies by cp.async).
+struct KVTensorMaps {
+  TensorMap k, v;
+  int enabled;
+};
+
+// The barrier expects `bytes` more (the copies issued next), and this thread arrives.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n"
+               :: "r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+
+// Box (rows [row, row + box rows), dims [col, col + 64) of head `head`) of `map` into `smem`
+// (1024-byte aligned), counted on `bar` when it lands.
+__device__ __forceinline__ void tma_load_rows(void* smem, const TensorMap& map, int col, int head,
+                                              int row, unsigned long long* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes "
+      "[%0], [%1, {%2, %3, %4}], [%5];\n"
+      :: "r"(smem_addr(smem)), "l"(reinterpret_cast<unsigned long long>(&map)), "r"(col),
+         "r"(head), "r"(row), "r"(smem_addr(bar)) : "memory");
+}
+
+}  // namespace cpattn
