@@ -479,32 +479,20 @@ class Launcher:
                       partial_o, partial_lse)
 
     def _encode_maps(self, k, v) -> None:
-        """Tensor maps of K and V as rows ``[rows, kv_heads, head_dim]`` (ragged tokens, or the
-        page slots of an NHD pool), re-encoded when an array changes. Disabled (the kernel
-        copies by cp.async) when a stride does not suit them or, paged, unless pages are
-        contiguous runs of slots whose size (a multiple of 8, at most 2^31 slots in all) divides
-        the key tile and is a multiple of the keys between thread 0's copy rows (kv_tiles.cuh:
-        1024 / head_dim), so that its page ids name every page of a tile."""
+        """Tensor maps of K and V (``_tma.row_boxes``), re-encoded when an array changes;
+        disabled (the kernel copies by cp.async) when the layout does not suit them."""
         seen = (k.data.ptr, v.data.ptr, k.shape, k.strides, v.strides)
         if seen == self._maps_of:
             return
-        maps, nhd = self.maps, self.kv_layout == "NHD"
-        strides = [kv_strides(x, self.kv_layout, self.paged) for x in (k, v)]  # (page, slot, head)
-        if self.paged:
-            page_size = k.shape[1] if nhd else k.shape[2]
-            rows, heads = k.shape[0] * page_size, k.shape[2] if nhd else k.shape[1]
-            box = page_size
-            fits = (nhd and page_size % 8 == 0 and page_size % (1024 // self.head_dim) == 0
-                    and self._box_rows % page_size == 0 and rows < 2 ** 31  # a power of two
-                    and all(page == page_size * slot for page, slot, _ in strides))
-        else:
-            rows, heads = (k.shape[0], k.shape[1]) if nhd else (k.shape[1], k.shape[0])
-            box, fits = self._box_rows, True
-        fits = fits and rows > 0 and all(s % 8 == 0 for st in strides for s in st[1:])
-        maps["enabled"] = int(fits)
-        if fits:
+        strides = [kv_strides(x, self.kv_layout, self.paged) for x in (k, v)]
+        boxes = _tma.row_boxes(k.shape, strides, self.kv_layout, self.paged, self.head_dim,
+                               self._box_rows)
+        self.maps["enabled"] = int(boxes is not None)
+        if boxes is not None:
+            rows, heads, box = boxes
             for name, x, (_, slot, head) in (("k", k, strides[0]), ("v", v, strides[1])):
-                _tma.encode_rows(maps[name], x.data.ptr, rows, heads, x.shape[-1], slot, head, box)
+                _tma.encode_rows(self.maps[name], x.data.ptr, rows, heads, self.head_dim, slot,
+                                 head, box)
         self._maps_of = seen
 
     def _grid(self, grid_items: int) -> tuple[int, int, int]:

@@ -60,3 +60,36 @@ def _aligned_map() -> np.ndarray:
 
 
 _ALIGNED = _aligned_map()
+
+
+def row_boxes(k_shape, strides, kv_layout: str, paged: bool, head_dim: int, tile: int):
+    """How the Hopper prefill kernel reads K and V as rows ``[rows, kv_heads, head_dim]`` by
+    TMA: ``(rows, kv_heads, box_rows)``, or None when it must copy by cp.async.
+
+    ``strides``: the (page, slot, head) element strides of K and of V (``_core.kv_strides``).
+    Ragged (or single-request) keys are rows of tokens, boxes of a whole key tile. Paged: the
+    slots of an NHD pool, one box a page, when the pages are contiguous runs of slots, their size
+    is a power of two of at least 8 that divides the tile and a multiple of the keys between the
+    producer's thread 0 copy rows (1024 / head_dim, kv_tiles.cuh: its page ids then name every
+    page of a tile), and the pool has under 2^31 slots. Strides must be multiples of 16 bytes.
+
+    >>> row_boxes((100, 8, 128), [(0, 1024, 128)] * 2, "NHD", False, 128, 128)
+    (100, 8, 128)
+    >>> row_boxes((50, 16, 8, 128), [(16384, 1024, 128)] * 2, "NHD", True, 128, 128)
+    (800, 8, 16)
+    >>> row_boxes((50, 5, 8, 128), [(5120, 1024, 128)] * 2, "NHD", True, 128, 128) is None
+    True
+    """
+    nhd = kv_layout == "NHD"
+    if paged:
+        page_size = k_shape[1] if nhd else k_shape[2]
+        rows, heads, box = k_shape[0] * page_size, k_shape[2] if nhd else k_shape[1], page_size
+        fits = (nhd and page_size >= 8 and page_size & (page_size - 1) == 0
+                and page_size % (1024 // head_dim) == 0 and tile % page_size == 0
+                and rows < 2 ** 31 and all(page == page_size * slot for page, slot, _ in strides))
+    else:
+        rows, heads = (k_shape[0], k_shape[1]) if nhd else (k_shape[1], k_shape[0])
+        box, fits = tile, True
+    fits = fits and rows > 0 and all(s % 8 == 0 for st in strides for s in st[1:])
+    return (rows, heads, box) if fits else None
+

@@ -33,3 +33,41 @@ def test_arch_path_override_needs_no_device(monkeypatch):
     assert _core.choose_tiles(128, 4, 4096) == _tiles.PREFILL[128]
     # Decode shapes take the decode tiles on every path.
     assert _core.choose_tiles(128, 4, 1) == _tiles.DECODE[128]
+
+
+def test_tma_maps_layout_matches_the_kernel_struct():
+    """KVTensorMaps of kernels_cu/common/tma.cuh: two 128-byte maps, 128-byte aligned, then the
+    flag; the struct's alignment rounds it to 384 bytes."""
+    from cpattn import _tma
+    dt = _tma.KV_MAPS_DTYPE
+    assert (dt.fields["k"][1], dt.fields["v"][1], dt.fields["enabled"][1]) == (0, 128, 256)
+    assert dt.itemsize == 384
+
+
+@pytest.mark.parametrize("page_size, layout, expected", [
+    (16, "NHD", (50 * 16, 8, 16)), (64, "NHD", (50 * 64, 8, 64)), (128, "NHD", (50 * 128, 8, 128)),
+    (5, "NHD", None), (24, "NHD", None), (256, "NHD", None), (4, "NHD", None), (16, "HND", None)])
+def test_tma_takes_power_of_two_nhd_pages_that_divide_the_tile(page_size, layout, expected):
+    from cpattn import _tma
+    shape = (50, page_size, 8, 128) if layout == "NHD" else (50, 8, page_size, 128)
+    slot, head = (8 * 128, 128) if layout == "NHD" else (128, page_size * 128)
+    strides = [(page_size * 8 * 128, slot, head)] * 2
+    assert _tma.row_boxes(shape, strides, layout, True, 128, 128) == expected
+
+
+def test_tma_needs_contiguous_pages_and_16_byte_strides():
+    from cpattn import _tma
+    spaced = [(2 * 16 * 1024, 1024, 128)] * 2  # pages of a larger buffer: slots do not run on
+    assert _tma.row_boxes((50, 16, 8, 128), spaced, "NHD", True, 128, 128) is None
+    odd = [(0, 1028, 128)] * 2
+    assert _tma.row_boxes((100, 8, 128), odd, "NHD", False, 128, 128) is None
+    assert _tma.row_boxes((0, 8, 128), [(0, 1024, 128)] * 2, "NHD", False, 128, 128) is None
+    hnd = [(0, 128, 100 * 128)] * 2  # single-request HND [heads, tokens, head_dim]
+    assert _tma.row_boxes((8, 100, 128), hnd, "HND", False, 128, 128) == (100, 8, 128)
+
+
+def test_tma_doctests():
+    import doctest
+    from cpattn import _tma
+    result = doctest.testmod(_tma)
+    assert result.attempted > 0 and result.failed == 0
