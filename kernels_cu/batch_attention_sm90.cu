@@ -151,21 +151,10 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
   const float logits_scale = p.soft_cap_log2 > 0.f ? 1.f : p.logits_scale;
   const bool lead = threadIdx.x % 32 == 0;  // arrives on "empty" barriers for its warp
 
-  // S = Q K^T of the tile in `stage` into s, Q from q_rows: k-step kk reads dims [16 kk, 16 kk +
-  // 16), block kk / 4, 32 bytes into its rows (descriptor addresses count 16 bytes).
+  // S = Q K^T of the tile in `stage` into s, Q from q_rows.
   auto scores = [&](const uint4* q_rows, int stage, float (&s)[TILE / 8][4]) {
-    const unsigned long long k_desc = smem_desc(k_tiles + stage * TILE * CHUNKS, 16, 1024);
-    const unsigned long long q_desc = smem_desc(q_rows, 16, 1024);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-      const int block = kk / 4, chunk = (kk % 4) * 2;
-      Wgmma<T, TILE>::ss(s, q_desc + block * ROWS * 8 + chunk, k_desc + block * TILE * 8 + chunk,
-                         kk > 0);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(s);
+    kmajor_scores<T, TILE, HEAD_DIM, ROWS, TILE>(s, smem_desc(q_rows, 16, 1024),
+                                                 smem_desc(k_tiles + stage * TILE * CHUNKS, 16, 1024));
   };
   // O += P V of the tile in `stage`, P in s: keys [16 kt, 16 kt + 16) are 16 rows (2048 bytes)
   // into V's blocks; one wgmma covers PV_N output dims, PV_N / 64 blocks of TILE * 128 bytes.

@@ -65,20 +65,11 @@ __global__ void __launch_bounds__(256, 1) mla_attention_sm90_kernel(const MLAPar
     const uint4* kv = tiles.stage(t);
     const int first_key = w.kv_begin + t * TILE + wg * WG_KEYS;  // within the request
 
-    // S = Q K^T over the 576 dims: k-step kk is block kk / 4 (64 dims), 32 bytes into its rows;
-    // this warpgroup's keys start WG_KEYS rows (128 bytes each) into every block of the tile.
+    // S = Q K^T over the 576 dims; this warpgroup's keys start WG_KEYS rows (128 bytes each)
+    // into every block of the tile.
     float s[WG_KEYS / 8][4];
-    const unsigned long long k_desc = smem_desc(kv + wg * WG_KEYS * 8, 16, 1024);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < MLA_ROW_CHUNKS / 2; ++kk) {
-      const int block = kk / 4, chunk = (kk % 4) * 2;
-      Wgmma<T, WG_KEYS>::ss(s, q_desc + block * ROWS * 8 + chunk, k_desc + block * TILE * 8 + chunk,
-                            kk > 0);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(s);
+    kmajor_scores<T, WG_KEYS, MLA_CKV_DIM + MLA_KPE_DIM, ROWS, TILE>(
+        s, q_desc, smem_desc(kv + wg * WG_KEYS * 8, 16, 1024));
     mla_mask_block<WG_KEYS>(s, p, w, row0, first_key);
 
     // Row maxima of this warpgroup's keys, then of the whole tile (through shared memory).

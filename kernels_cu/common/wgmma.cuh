@@ -128,4 +128,23 @@ template <typename T, int N> struct Wgmma;
 CPATTN_DEFINE_WGMMA_TYPE(half, ".f16.f16")
 CPATTN_DEFINE_WGMMA_TYPE(__nv_bfloat16, ".bf16.bf16")
 
+// S [64 x N] = A B^T over DIM dims, A and B K-major SwizzledBlocks tiles (64 dims a block) from
+// descriptors: the A block holds A_ROWS rows, the B block B_ROWS (A's 64 rows and B's N start at
+// the descriptors). k-step kk reads dims [16 kk, 16 kk + 16): block kk / 4, 32 bytes into its rows
+// (descriptor addresses count 16 bytes). Issued, committed and waited for.
+template <typename T, int N, int DIM, int A_ROWS, int B_ROWS>
+__device__ __forceinline__ void kmajor_scores(float (&s)[N / 8][4], unsigned long long a_desc,
+                                              unsigned long long b_desc) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < DIM / 16; ++kk) {
+    const int block = kk / 4, chunk = (kk % 4) * 2;
+    Wgmma<T, N>::ss(s, a_desc + block * A_ROWS * 8 + chunk, b_desc + block * B_ROWS * 8 + chunk,
+                    kk > 0);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(s);
+}
+
 }  // namespace cpattn
