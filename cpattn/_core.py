@@ -481,18 +481,22 @@ class Launcher:
     def _encode_maps(self, k, v) -> None:
         """Tensor maps of K and V (``_tma.row_boxes``), re-encoded when an array changes;
         disabled (the kernel copies by cp.async) when the layout does not suit them."""
-        seen = (k.data.ptr, v.data.ptr, k.shape, k.strides, v.strides)
+        seen = (k.data.ptr, v.data.ptr, k.shape, v.shape, k.strides, v.strides)
         if seen == self._maps_of:
             return
         strides = [kv_strides(x, self.kv_layout, self.paged) for x in (k, v)]
-        boxes = _tma.row_boxes(k.shape, strides, self.kv_layout, self.paged, self.head_dim,
-                               self._box_rows)
-        self.maps["enabled"] = int(boxes is not None)
-        if boxes is not None:
-            rows, heads, box = boxes
-            for name, x, (_, slot, head) in (("k", k, strides[0]), ("v", v, strides[1])):
-                _tma.encode_rows(self.maps[name], x.data.ptr, rows, heads, self.head_dim, slot,
-                                 head, box)
+        boxes = [_tma.row_boxes(x.shape, strides, self.kv_layout, self.paged, self.head_dim,
+                                self._box_rows) for x in (k, v)]  # K and V: their own rows
+        enabled = all(b is not None for b in boxes)
+        if enabled:
+            try:
+                for name, x, (rows, heads, box), (_, slot, head) in zip(("k", "v"), (k, v), boxes,
+                                                                         strides):
+                    _tma.encode_rows(self.maps[name], x.data.ptr, rows, heads, self.head_dim,
+                                     slot, head, box)
+            except RuntimeError:  # a layout the driver's limits reject: copy by cp.async
+                enabled = False
+        self.maps["enabled"] = int(enabled)
         self._maps_of = seen
 
     def _grid(self, grid_items: int) -> tuple[int, int, int]:

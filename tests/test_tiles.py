@@ -1,4 +1,5 @@
 """Tile configurations and the choice between the mma.sync and wgmma prefill kernels (CPU)."""
+import numpy as np
 import pytest
 
 from cpattn import _core, _tiles
@@ -71,3 +72,49 @@ def test_tma_doctests():
     from cpattn import _tma
     result = doctest.testmod(_tma)
     assert result.attempted > 0 and result.failed == 0
+
+
+class _FakeArray:
+    """What Launcher._encode_maps reads of a CuPy array (no GPU needed)."""
+    def __init__(self, shape, ptr):
+        self.shape = shape
+        self.strides = tuple(int(np.prod(shape[i + 1:])) * 2 for i in range(len(shape)))
+        self.data = type("Memory", (), {"ptr": ptr})()
+        self.itemsize = 2
+
+
+def _launcher_stub(paged):
+    from cpattn import _tma
+    stub = type("Stub", (), {})()
+    stub.maps = np.zeros((), _tma.KV_MAPS_DTYPE)
+    stub.kv_layout, stub.paged, stub.head_dim, stub._box_rows, stub._maps_of = "NHD", paged, 128, 128, None
+    return stub
+
+
+def test_tma_maps_encode_k_and_v_by_their_own_rows(monkeypatch):
+    from cpattn import _tma
+    calls = []
+    monkeypatch.setattr(_tma, "encode_rows", lambda out, ptr, *args: calls.append((ptr,) + args))
+    stub = _launcher_stub(paged=True)
+    k, v = _FakeArray((40, 16, 8, 128), 1 << 20), _FakeArray((50, 16, 8, 128), 1 << 30)
+    _core.Launcher._encode_maps(stub, k, v)
+    assert int(stub.maps["enabled"]) == 1
+    assert calls == [(1 << 20, 640, 8, 128, 1024, 128, 16), (1 << 30, 800, 8, 128, 1024, 128, 16)]
+    _core.Launcher._encode_maps(stub, k, v)  # same arrays: not encoded again
+    assert len(calls) == 2
+
+
+def test_tma_maps_fall_back_to_cp_async(monkeypatch):
+    from cpattn import _tma
+
+    def refuse(*args):
+        raise RuntimeError("cuTensorMapEncodeTiled failed (1)")
+
+    monkeypatch.setattr(_tma, "encode_rows", refuse)
+    stub = _launcher_stub(paged=False)
+    stub.maps["enabled"] = 1
+    _core.Launcher._encode_maps(stub, _FakeArray((100, 8, 128), 256), _FakeArray((100, 8, 128), 512))
+    assert int(stub.maps["enabled"]) == 0  # the driver refused: the kernel copies by cp.async
+    stub = _launcher_stub(paged=True)  # page size 5: no maps at all
+    _core.Launcher._encode_maps(stub, _FakeArray((40, 5, 8, 128), 256), _FakeArray((40, 5, 8, 128), 512))
+    assert int(stub.maps["enabled"]) == 0
