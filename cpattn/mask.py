@@ -423,30 +423,73 @@ def classify_tiles(masks, item_request, item_q_start, queries_per_item, tile):
     >>> classes.tolist(), offsets.tolist(), key_range.tolist(), work.tolist()
     ([2, 0, 1, 2], [0, 2], [[0, 2], [0, 4]], [1, 2])
     """
-    per_request = []
+    # Per request: class of every (block of queries_per_item queries from 0, key tile) [nq, nk],
+    # and per query row whether each key tile has any / only visible keys (for items whose first
+    # query is not a multiple of queries_per_item).
+    blocks, rows = [], []
     for m in masks:
-        qo_len, kv_len = m.shape
-        n_tiles = -(-kv_len // tile)
-        pad = n_tiles * tile - kv_len
-        any_ = np.pad(m, ((0, 0), (0, pad)), constant_values=False)
-        all_ = np.pad(m, ((0, 0), (0, pad)), constant_values=True)
-        per_request.append((any_.reshape(qo_len, n_tiles, tile).any(axis=2),
-                            all_.reshape(qo_len, n_tiles, tile).all(axis=2)))
-    classes, offsets, key_range, work, total = [], [], [], [], 0
+        tile_any, tile_all = _row_tiles(m, tile)
+        qo_len, n_tiles = tile_any.shape
+        nq = -(-qo_len // queries_per_item)
+        pad = nq * queries_per_item - qo_len  # rows past the request do not count
+        block_any = np.pad(tile_any, ((0, pad), (0, 0)), constant_values=False)
+        block_all = np.pad(tile_all, ((0, pad), (0, 0)), constant_values=True)
+        block_any = block_any.reshape(nq, queries_per_item, n_tiles).any(axis=1)
+        block_all = block_all.reshape(nq, queries_per_item, n_tiles).all(axis=1)
+        blocks.append(_tile_classes(block_any, block_all))
+        rows.append((tile_any, tile_all))
+    item_classes = []
     for b, q0 in zip(np.asarray(item_request).tolist(), np.asarray(item_q_start).tolist()):
-        any_rows, all_rows = per_request[b]
-        rows = slice(q0, q0 + queries_per_item)
-        has_any = any_rows[rows].any(axis=0)
-        is_full = all_rows[rows].all(axis=0)
-        item = np.where(is_full, 1, np.where(has_any, 2, 0)).astype(np.int32)
-        used = np.flatnonzero(item)
-        kv_len = masks[b].shape[1]
-        key_range.append((used[0] * tile, min(kv_len, (used[-1] + 1) * tile)) if used.size
-                         else (0, 0))
-        work.append(used.size)
-        offsets.append(total)
-        classes.append(item)
-        total += item.size
-    flat = np.concatenate(classes) if classes else np.zeros(0, np.int32)
-    return (flat.astype(np.int32), np.asarray(offsets, np.int32),
-            np.asarray(key_range, np.int32).reshape(-1, 2), np.asarray(work, np.int32))
+        if q0 % queries_per_item == 0:
+            item_classes.append(blocks[b][q0 // queries_per_item])
+        else:
+            tile_any, tile_all = rows[b]
+            span = slice(q0, q0 + queries_per_item)
+            item_classes.append(_tile_classes(tile_any[span].any(axis=0),
+                                              tile_all[span].all(axis=0)))
+    sizes = np.array([c.size for c in item_classes], np.int64)
+    offsets = np.cumsum(sizes) - sizes
+    flat = np.concatenate(item_classes) if item_classes else np.zeros(0, np.int32)
+    # Non-empty tiles of each item: their count, the first and one past the last.
+    used = flat != 0
+    item_of = np.repeat(np.arange(len(sizes)), sizes)
+    work = np.bincount(item_of[used], minlength=len(sizes))
+    tile_index = np.arange(flat.size) - np.repeat(offsets, sizes)
+    first = np.full(len(sizes), flat.size, np.int64)
+    last = np.full(len(sizes), -1, np.int64)
+    np.minimum.at(first, item_of[used], tile_index[used])
+    np.maximum.at(last, item_of[used], tile_index[used])
+    kv_lens = np.array([m.shape[1] for m in masks], np.int64)[np.asarray(item_request, np.int64)] \
+        if len(sizes) else np.zeros(0, np.int64)
+    key_range = np.stack([first * tile, np.minimum(kv_lens, (last + 1) * tile)], axis=1)
+    key_range[work == 0] = 0
+    return (flat.astype(np.int32), offsets.astype(np.int32), key_range.astype(np.int32),
+            work.astype(np.int32))
+
+
+_ONE_BYTES = np.uint64(0x0101010101010101)
+
+
+def _row_tiles(m, tile):
+    """Per query row of ``m [qo_len, kv_len]`` and key tile: (any key visible, every key
+    visible), bool [qo_len, ceil(kv_len / tile)]; keys past kv_len count as neither hidden nor
+    visible. Whole tiles of 8-key words are reduced as uint64 words (a bool is one byte)."""
+    qo_len, kv_len = m.shape
+    n_tiles = -(-kv_len // tile)
+    if kv_len % tile == 0 and tile % 8 == 0 and qo_len and kv_len:
+        raw = np.ascontiguousarray(m).view(np.uint8)
+        if raw.max() <= 1:  # bytes 0 / 1 (a bool made by a view could hold any nonzero byte)
+            words = raw.view(np.uint64).reshape(qo_len, n_tiles, tile // 8)
+            tile_any = np.bitwise_or.reduce(words, axis=2) != 0
+            tile_all = np.bitwise_and.reduce(words, axis=2) == _ONE_BYTES  # every byte 1
+            return tile_any, tile_all
+    pad = n_tiles * tile - kv_len
+    tile_any = np.pad(m, ((0, 0), (0, pad)), constant_values=False)
+    tile_all = np.pad(m, ((0, 0), (0, pad)), constant_values=True)
+    return (tile_any.reshape(qo_len, n_tiles, tile).any(axis=2),
+            tile_all.reshape(qo_len, n_tiles, tile).all(axis=2))
+
+
+def _tile_classes(has_any, is_full):
+    """0 empty, 1 full, 2 partial."""
+    return np.where(is_full, 1, np.where(has_any, 2, 0)).astype(np.int32)

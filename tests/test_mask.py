@@ -241,7 +241,7 @@ def test_pack_rejects_non_2d_masks():
 
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=1, max_size=4),
-       st.integers(1, 8), st.sampled_from([4, 8, 16]), st.integers(0, 2 ** 31 - 1))
+       st.integers(1, 8), st.sampled_from([4, 8, 16, 32]), st.integers(0, 2 ** 31 - 1))
 def test_classify_tiles_matches_brute_force(shapes, queries_per_item, tile, seed):
     rng = np.random.default_rng(seed)
     # Masks with whole empty and full blocks as well as random ones.
@@ -263,3 +263,27 @@ def test_classify_tiles_matches_brute_force(shapes, queries_per_item, tile, seed
             assert key_range[i, 0] <= keys[0] and keys[-1] < key_range[i, 1]
         else:
             assert tuple(key_range[i]) == (0, 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 6)), min_size=1, max_size=4),
+       st.integers(1, 8), st.sampled_from([8, 16, 32]), st.booleans(), st.integers(0, 2 ** 31 - 1))
+def test_classify_tiles_of_whole_word_tiles(shapes, queries_per_item, tile, odd_bytes, seed):
+    """Key lengths that are whole tiles take the word-wise path; a bool mask whose True bytes
+    are not 1 (a view of other bytes) must classify the same."""
+    rng = np.random.default_rng(seed)
+    masks = [rng.random((q, k * tile)) < rng.choice([0.0, 0.5, 0.97, 1.0]) for q, k in shapes]
+    if odd_bytes:
+        masks = [(m.view(np.uint8) * 3).view(bool) for m in masks]
+    items = [(b, q0) for b, (q, _) in enumerate(shapes) for q0 in range(0, q, queries_per_item)]
+    request = np.array([b for b, _ in items], np.int64)
+    q_start = np.array([q0 for _, q0 in items], np.int64)
+    classes, offsets, key_range, work = mask.classify_tiles(masks, request, q_start,
+                                                            queries_per_item, tile)
+    for i, (b, q0) in enumerate(items):
+        m = masks[b][q0:q0 + queries_per_item] != 0
+        n_tiles = m.shape[1] // tile
+        blocks = m.reshape(m.shape[0], n_tiles, tile)
+        want = np.where(blocks.all(axis=(0, 2)), 1, np.where(blocks.any(axis=(0, 2)), 2, 0))
+        assert classes[offsets[i]:offsets[i] + n_tiles].tolist() == want.tolist()
+        assert work[i] == int((want != 0).sum())
