@@ -239,6 +239,14 @@ def test_pack_rejects_non_2d_masks():
         mask.pack([np.ones((2, 2), bool), np.ones(3, bool)])
 
 
+def _classify_query_tiles(masks, shapes, queries_per_item, tile):
+    """Items = every request's query tiles; (items, classify_tiles of them)."""
+    items = [(b, q0) for b, (q, _) in enumerate(shapes) for q0 in range(0, q, queries_per_item)]
+    request = np.array([b for b, _ in items], np.int64)
+    q_start = np.array([q0 for _, q0 in items], np.int64)
+    return items, mask.classify_tiles(masks, request, q_start, queries_per_item, tile)
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=1, max_size=4),
        st.integers(1, 8), st.sampled_from([4, 8, 16, 32]), st.integers(0, 2 ** 31 - 1))
@@ -246,11 +254,8 @@ def test_classify_tiles_matches_brute_force(shapes, queries_per_item, tile, seed
     rng = np.random.default_rng(seed)
     # Masks with whole empty and full blocks as well as random ones.
     masks = [rng.random((q, k)) < rng.choice([0.0, 0.5, 1.0]) for q, k in shapes]
-    items = [(b, q0) for b, (q, _) in enumerate(shapes) for q0 in range(0, q, queries_per_item)]
-    request = np.array([b for b, _ in items], np.int64)
-    q_start = np.array([q0 for _, q0 in items], np.int64)
-    classes, offsets, key_range, work = mask.classify_tiles(masks, request, q_start,
-                                                            queries_per_item, tile)
+    items, (classes, offsets, key_range, work) = _classify_query_tiles(masks, shapes,
+                                                                       queries_per_item, tile)
     for i, (b, q0) in enumerate(items):
         m = masks[b][q0:q0 + queries_per_item]
         for t in range(-(-m.shape[1] // tile)):
@@ -275,11 +280,8 @@ def test_classify_tiles_of_whole_word_tiles(shapes, queries_per_item, tile, odd_
     masks = [rng.random((q, k * tile)) < rng.choice([0.0, 0.5, 0.97, 1.0]) for q, k in shapes]
     if odd_bytes:
         masks = [(m.view(np.uint8) * 3).view(bool) for m in masks]
-    items = [(b, q0) for b, (q, _) in enumerate(shapes) for q0 in range(0, q, queries_per_item)]
-    request = np.array([b for b, _ in items], np.int64)
-    q_start = np.array([q0 for _, q0 in items], np.int64)
-    classes, offsets, key_range, work = mask.classify_tiles(masks, request, q_start,
-                                                            queries_per_item, tile)
+    items, (classes, offsets, key_range, work) = _classify_query_tiles(masks, shapes,
+                                                                       queries_per_item, tile)
     for i, (b, q0) in enumerate(items):
         m = masks[b][q0:q0 + queries_per_item] != 0
         n_tiles = m.shape[1] // tile
