@@ -82,15 +82,22 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
   // go round the stages in one sequence (`tile`: tile count so far), so the producer loads the
   // next work's Q and first tiles while the consumers finish this one.
   const int head_blocks = p.num_qo_heads / p.group_size, works = num_works(p, head_blocks);
+  struct Work {  // work n of this CTA (x = blockIdx.x + n * gridDim.x), its keys and Q buffer
+    WorkItem w;
+    KeyTiles<TILE> tiles;
+    int qb;
+    __device__ __forceinline__ Work(const AttentionParams& p, int x, int n)
+        : w(work_item_at<ROWS>(p, x)), tiles(p, w), qb(n % 2) {}
+  };
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer
     warpgroup_registers_dec<PRODUCER_REGISTERS>();
     int tile = 0;
     for (int x = blockIdx.x, n = 0; x < works; x += gridDim.x, ++n) {
-      WorkItem w;
-      work_item_at<ROWS>(p, x, w);
-      const KeyTiles<TILE> tiles(p, w);
-      const int qb = n % 2;
+      const Work work(p, x, n);
+      const WorkItem& w = work.w;
+      const KeyTiles<TILE>& tiles = work.tiles;
+      const int qb = work.qb;
       mbarrier_wait(&q_empty[qb], ((n / 2) & 1) ^ 1);
       issue_q_rows<SwizzledBlocks<ROWS>, T, ROWS, CHUNKS, 128>(p, w, q_tiles + qb * ROWS * CHUNKS);
       cp_async_arrive(&q_full[qb]);
@@ -178,10 +185,10 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
 
   int tile = 0;
   for (int x = blockIdx.x, n = 0; x < works; x += gridDim.x, ++n) {
-    WorkItem w;
-    work_item_at<ROWS>(p, x, w);
-    const KeyTiles<TILE> tiles(p, w);
-    const int qb = n % 2;
+    const Work work(p, x, n);
+    const WorkItem& w = work.w;
+    const KeyTiles<TILE>& tiles = work.tiles;
+    const int qb = work.qb;
     // This warpgroup's 64 rows of each 64-dim block of Q (8 rows of 128 bytes = 1024 apart).
     const uint4* q_rows = q_tiles + qb * ROWS * CHUNKS + (warpgroup - 1) * 64 * 8;
     RowsState<HEAD_DIM> st;

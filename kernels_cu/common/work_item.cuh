@@ -72,5 +72,11 @@ __device__ __forceinline__ void work_item_at(const Params& p, int x, WorkItem& w
   w.head_block = x / items;
   read_work_item<ROWS>(p, w);
 }
+template <int ROWS, typename Params>
+__device__ __forceinline__ WorkItem work_item_at(const Params& p, int x) {
+  WorkItem w;
+  work_item_at<ROWS>(p, x, w);
+  return w;
+}
 
 }  // namespace cpattn
