@@ -3,13 +3,14 @@
 // specialised.
 //
 // Persistent: a grid of at most one CTA per SM, each looping over works (item, kv head).
-// Block: 1 + WARPGROUPS warpgroups. Warpgroup 0 is the producer: it copies each work's Q rows
-// (two buffers: the next work's while this one's are read) and K / V tiles (cp.async, in wgmma's
-// swizzled layout) into shared memory, STAGES tiles ahead, across works, and signals each
-// buffer's "full" barrier as its copies land (mbarrier.cuh); it keeps few registers. Warpgroups 1.. are consumers, each with 64 of the CTA's ROWS = 64 * WARPGROUPS
-// packed (query, head) rows (as in batch_attention: row r is query q_start + r / group, head
-// kv_head * group + r % group); warp i of them holds rows [16 i, 16 i + 16), so each thread's S
-// and O registers are mma.sync C fragments and tile_softmax.cuh serves both kernels.
+// Block: 1 + WARPGROUPS warpgroups. Warpgroup 0 is the producer, with few registers: it copies
+// each work's Q rows (cp.async; two buffers, the next work's while this one's are read) and its
+// K / V tiles (TMA for whole tiles, cp.async otherwise, in wgmma's swizzled layout) into shared
+// memory, STAGES tiles ahead across works, and each buffer's "full" barrier (mbarrier.cuh)
+// completes as its copies land. Warpgroups 1.. are consumers, each with 64 of the CTA's ROWS =
+// 64 * WARPGROUPS packed (query, head) rows (as in batch_attention: row r is query q_start + r /
+// group, head kv_head * group + r % group); warp i of them holds rows [16 i, 16 i + 16), so each
+// thread's S and O registers are mma.sync C fragments and tile_softmax.cuh serves both kernels.
 // Per tile of TILE keys, each consumer warpgroup on its own (no CTA-wide barrier: one warpgroup's
 // softmax overlaps the other's matrix products):
 //   wait "full"; S [64 x TILE] = Q K^T: HEAD_DIM / 16 wgmma, Q and K from shared memory;

@@ -66,16 +66,12 @@ __device__ __forceinline__ int num_works(const Params& p, int head_blocks) {
   return *p.num_items * head_blocks;
 }
 template <int ROWS, typename Params>
-__device__ __forceinline__ void work_item_at(const Params& p, int x, WorkItem& w) {
+__device__ __forceinline__ WorkItem work_item_at(const Params& p, int x) {
   const int items = *p.num_items;
+  WorkItem w;
   w.item = x % items;
   w.head_block = x / items;
   read_work_item<ROWS>(p, w);
-}
-template <int ROWS, typename Params>
-__device__ __forceinline__ WorkItem work_item_at(const Params& p, int x) {
-  WorkItem w;
-  work_item_at<ROWS>(p, x, w);
   return w;
 }
 
