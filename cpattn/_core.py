@@ -191,6 +191,7 @@ class SplitMerge:
         self.wrapper, self.fixed = wrapper, fixed
         self.buffers = None
         self._merge = self._key = None
+        self.lse_scratch = []  # the lse a merge writes when run() is not asked for one
 
     def partials(self, states: int, heads: int, head_dim: int, stream=None):
         """The buffers, grown to ``states`` rows on the plan's ``stream`` (the one its runs
@@ -344,13 +345,18 @@ def run_outputs(q, q_name: str, shape: tuple, dims: str, out, return_lse: bool, 
         A.check_vector_aligned(out, "out", 4)
     if return_lse:
         return out, cupy.empty(shape[:2], np.float32)
-    if not need_lse:
-        return out, None
+    return out, scratch_lse(scratch, shape[:2]) if need_lse else None
+
+
+def scratch_lse(scratch: list, shape: tuple):
+    """An fp32 lse ``shape`` (rows, heads) nobody reads, from the one-element list ``scratch``
+    (grown when too small; allocated on the current stream)."""
+    import cupy
     have = scratch[0] if scratch else None
     if have is None or have.shape[0] < shape[0] or have.shape[1] != shape[1]:
-        have = cupy.empty(shape[:2], np.float32)
+        have = cupy.empty(shape, np.float32)
         scratch[:] = [have]
-    return out, have[:shape[0]]
+    return have[:shape[0]]
 
 
 def fixed_outputs(outputs, out, wrapper: str):
@@ -449,7 +455,7 @@ class Launcher:
         # from blockIdx.x (work_item.cuh).
         hopper = isinstance(cfg, _tiles.HopperTileConfig)
         self._most_ctas = num_sms() * cfg.ctas if hopper else None
-        # Hopper: K / V tensor maps for its bulk copies of ragged rows (paged: none, cp.async).
+        # Hopper: K / V tensor maps for its bulk copies (encoded at run(), _encode_maps).
         self.maps = np.zeros((), _tma.KV_MAPS_DTYPE) if hopper else None
         self._maps_of = None  # (pointers, shapes, strides) the maps were encoded for
         self._box_rows, self.head_dim = cfg.tile, head_dim
@@ -460,23 +466,20 @@ class Launcher:
         self.kv_layout, self.paged = kv_layout, paged
         self._layout_of = None  # (strides of q, shape and strides of k, v) the strides were set for
         self.merge = None  # split-KV: (VarlenMerge, partial buffers) set by set_split()
+        self._lse_scratch = []  # the lse of split runs asked for none (set_split: the wrapper's)
 
-    def set_split(self, work, num_qo_heads: int, head_dim: int, indptr_ptr: int, dtype,
-                  stream=None) -> None:
+    def set_split(self, work, split: SplitMerge, num_qo_heads: int, head_dim: int,
+                  indptr_ptr: int, dtype, stream=None) -> None:
         """Write fp32 partial states per the split ``work`` (a planner.TiledWork whose arrays
-        were uploaded with the plan) and merge them into the outputs after each launch. The
-        partials are allocated on the plan's ``stream``, the one its runs use."""
-        import cupy
-        from .merge import VarlenMerge
-        states = max(work.num_states, 1)
-        with stream or cupy.cuda.get_current_stream():
-            partial_o = cupy.empty((states, num_qo_heads, head_dim), np.float32)
-            partial_lse = cupy.empty((states, num_qo_heads), np.float32)
+        were uploaded with the plan) and merge them into the outputs after each launch, with the
+        partials, merge and scratch lse of ``split`` (a wrapper's, kept across its plans; grown
+        on the plan's ``stream``, the one its runs use)."""
+        partial_o, partial_lse = split.partials(work.num_states, num_qo_heads, head_dim, stream)
         self.params["partial_o"], self.params["partial_lse"] = (partial_o.data.ptr,
                                                                 partial_lse.data.ptr)
         rows = work.merge_indptr.shape[0] - 1
-        self.merge = (VarlenMerge(partial_o, partial_lse, 1, indptr_ptr, rows, dtype),
-                      partial_o, partial_lse)
+        self.merge = (split.merge(indptr_ptr, rows, dtype), partial_o, partial_lse)
+        self._lse_scratch = split.lse_scratch
 
     def _encode_maps(self, k, v) -> None:
         """Tensor maps of K and V (``_tma.row_boxes``), re-encoded when an array changes;
@@ -521,10 +524,10 @@ class Launcher:
         if self.maps is not None:
             self._encode_maps(k, v)
         if self.merge is not None:  # the kernel writes partial states; the merge, out and lse
-            if lse is None:  # (allocated on the launch stream: freed behind the merge)
+            if lse is None:  # (a scratch lse, allocated on the launch stream once)
                 import cupy
                 with stream or cupy.cuda.get_current_stream():
-                    lse = cupy.empty(out.shape[:2], np.float32)
+                    lse = scratch_lse(self._lse_scratch, out.shape[:2])
             self._pointers[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, 0)
             self.launch(stream)
             self.merge[0](out, lse, stream)

@@ -67,6 +67,7 @@ class BatchPrefillRagged:
     def __init__(self):
         self._plan = None
         self._buffer = _core.PlanBuffer()
+        self._split = _core.SplitMerge("BatchPrefillRagged", fixed=False)
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim, *, causal=False,
              custom_mask=None, packed_custom_mask=None, mask_indptr=None, window_left=-1,
@@ -75,7 +76,8 @@ class BatchPrefillRagged:
         mask = (custom_mask, packed_custom_mask, mask_indptr)
         self._plan = None  # a plan that fails leaves no stale plan behind
         self._plan = plan_ragged(self._buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads,
-                                 head_dim, options, mask, attention_dtype(dtype), stream=stream)
+                                 head_dim, options, mask, attention_dtype(dtype), stream=stream,
+                                 split_merge=self._split)
 
     def run(self, q, k, v, *, return_lse=False, out=None, stream=None):
         if self._plan is None:
@@ -105,13 +107,15 @@ class BatchPrefillRagged:
 
 def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim,
                 options: Options, mask, q_dtype, kv_layout="NHD", pages=None, stream=None,
-                graph=None) -> dict:
+                graph=None, split_merge=None) -> dict:
     """Validate, build the work list and upload it; ``plan["launch"]`` runs it.
 
     ``pages`` is None for ragged keys (request b's keys are rows ``kv_indptr[b]:kv_indptr[b+1]``)
     or ``(kv_indices, kv_lens, page_size)`` for a paged pool (``kv_indptr`` then counts pages;
     both arrays already checked, e.g. by ``planner.check_page_table``). ``graph`` (a
     ``_core.GraphPrefill``, paged only) replaces ``buffer``: fixed buffers, grid and launch.
+    ``split_merge`` (a wrapper's ``_core.SplitMerge``) holds split-KV partials across plans; a
+    one-shot call gets its own.
     """
     custom_mask, packed_custom_mask, mask_indptr = mask
     options.check(custom_mask is not None or packed_custom_mask is not None)
@@ -202,8 +206,9 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
         launch = _core.Launcher(params, cfg, q_dtype, head_dim, len(request), num_kv_heads,
                                 kv_layout, paged=pages is not None)
         if split is not None:
-            launch.set_split(split, num_qo_heads, head_dim, pointers["merge_indptr"], q_dtype,
-                             stream)
+            split_merge = split_merge or _core.SplitMerge("prefill", fixed=False)
+            launch.set_split(split, split_merge, num_qo_heads, head_dim,
+                             pointers["merge_indptr"], q_dtype, stream)
     # The plan holds its buffer: a caller's temporary one must outlive the launches that read it.
     return dict(launch=launch, total_q=int(qo_indptr[-1]), total_kv=int(kv_indptr[-1]),
                 heads=(num_qo_heads, num_kv_heads), head_dim=head_dim, dtype=q_dtype,

@@ -58,7 +58,6 @@ class BatchDecode:
         self._plan = None
         self._split = _core.SplitMerge("BatchDecode", fixed=use_cuda_graph)
         self._outputs = None   # graph mode: (out, lse) of max_batch_size rows
-        self._scratch_lse = []  # the split path's lse when run() is not asked for one
         self._launch = self._launch_key = None
         self._graph_key = None  # graph mode: what the first plan fixed
         self._pool_pages = None  # graph mode: pages of the pools the first run saw
@@ -170,7 +169,7 @@ class BatchDecode:
         else:
             out, lse = _core.run_outputs(q, "q", (plan["batch"],) + tuple(q.shape[1:]),
                                          "[batch, num_qo_heads, head_dim]", out, return_lse,
-                                         plan["split"], self._scratch_lse)
+                                         plan["split"], self._split.lse_scratch)
         if plan["split"]:
             # The kernel writes fp32 partial states (params.partial_o is set); merge them.
             plan["launch"](q, k_pages, v_pages, out, None, stream)

@@ -214,7 +214,6 @@ class BatchMLA:
         self._split = _core.SplitMerge("BatchMLA", fixed=use_cuda_graph)
         self._outputs = None   # graph mode: (out, lse) of max_total_q rows
         self._pool_pages = None  # graph mode: pages of the pools the first run saw
-        self._scratch_lse = []  # the split path's lse when run() is not asked for one
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, kv_lens, num_heads, head_dim_ckv,
              head_dim_kpe, page_size, *, causal=False, sm_scale, dtype="bfloat16", stream=None):
@@ -334,7 +333,7 @@ class BatchMLA:
         else:
             out, lse = _core.run_outputs(q_nope, "q_nope", (plan["total_q"], plan["heads"], CKV_DIM),
                                          "[qo_indptr[-1], num_heads, 512]", out, return_lse,
-                                         plan["split"], self._scratch_lse)
+                                         plan["split"], self._split.lse_scratch)
         params = plan["params"]
         params["q_nope"], params["q_pe"] = q_nope.data.ptr, q_pe.data.ptr
         params["ckv"], params["kpe"] = ckv_cache.data.ptr, kpe_cache.data.ptr

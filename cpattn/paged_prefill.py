@@ -46,6 +46,7 @@ class BatchPrefillPaged:
             self._graph = _core.GraphPrefill(max_batch_size, max_num_pages, max_total_q,
                                              max_items)
         self._buffer = _core.PlanBuffer()
+        self._split = _core.SplitMerge("BatchPrefillPaged", fixed=False)  # graph: GraphPrefill's
         self._plan = None
 
     @property
@@ -69,7 +70,7 @@ class BatchPrefillPaged:
                            head_dim, options, (custom_mask, packed_custom_mask, mask_indptr),
                            attention_dtype(dtype), kv_layout,
                            pages=(kv_indices, kv_lens, page_size), stream=stream,
-                           graph=self._graph)
+                           graph=self._graph, split_merge=self._split)
         plan.update(page_size=page_size, kv_layout=kv_layout,
                     max_page=int(kv_indices.max(initial=-1)), checked=None)
         self._plan = plan
