@@ -546,6 +546,17 @@ def require_graph_limits(**limits) -> None:
                          f"{', '.join(missing)} (the buffers a captured graph uses are sized once)")
 
 
+def check_graph_fits(wrapper: str, batch: int, total_q: int, num_pages: int,
+                     max_batch_size: int, max_total_q: int, max_num_pages: int) -> None:
+    """CUDA-graph mode: a plan must fit the buffers sized at construction (checked before the
+    first plan fixes anything)."""
+    for what, have, most, name in (("batch", batch, max_batch_size, "max_batch_size"),
+                                   ("qo_indptr[-1]", total_q, max_total_q, "max_total_q"),
+                                   ("kv_indptr[-1]", num_pages, max_num_pages, "max_num_pages")):
+        if have > most:
+            raise ValueError(f"{what}={have} is over {name}={most} of this CUDA-graph {wrapper}")
+
+
 def check_graph_pages(pool_pages, kv_indices) -> None:
     """CUDA-graph mode: a replay skips run()'s checks, so plan() checks the page ids against
     the pools the first run saw (``pool_pages``; None before it, when run() checks them)."""
@@ -610,10 +621,5 @@ class GraphPrefill:
         self.key = key
 
     def check(self, batch: int, total_q: int, num_pages: int) -> None:
-        for what, have, most, name in (
-                ("batch", batch, self.max_batch_size, "max_batch_size"),
-                ("qo_indptr[-1]", total_q, self.max_total_q, "max_total_q"),
-                ("kv_indptr[-1]", num_pages, self.max_num_pages, "max_num_pages")):
-            if have > most:
-                raise ValueError(f"{what}={have} is over {name}={most} of this CUDA-graph "
-                                 "wrapper")
+        check_graph_fits("BatchPrefillPaged", batch, total_q, num_pages, self.max_batch_size,
+                         self.max_total_q, self.max_num_pages)

@@ -238,13 +238,8 @@ class BatchMLA:
         cfg, group = choose_tiles(num_heads, int(qo_lens.max(initial=0)), _core.hopper_path())
         limits = self._limits
         if limits is not None:  # checked before the first plan fixes anything
-            for what, have, most, name in (
-                    ("batch", batch, limits["batch"], "max_batch_size"),
-                    ("qo_indptr[-1]", total_q, limits["total_q"], "max_total_q"),
-                    ("kv_indptr[-1]", len(kv_indices), limits["pages"], "max_num_pages")):
-                if have > most:
-                    raise ValueError(f"{what}={have} is over {name}={most} of this CUDA-graph "
-                                     "BatchMLA")
+            _core.check_graph_fits("BatchMLA", batch, total_q, len(kv_indices), limits["batch"],
+                                   limits["total_q"], limits["pages"])
             _core.check_graph_pages(self._pool_pages, kv_indices)
             cfg, group = self._graph_tiles(cfg, group, num_heads, dtype, causal, sm_scale,
                                            page_size)
