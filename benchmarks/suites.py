@@ -71,6 +71,14 @@ class Rotation:
         self._i = (self._i + 1) % self.copies
         return self.sets[self._i]
 
+    def as_torch(self):
+        """The sets as torch tensors (DLPack, no copy) and a function giving the next set, for
+        a peer to rotate through the same inputs."""
+        import torch
+        tsets = [tuple(torch.from_dlpack(x) for x in one) for one in self.sets]
+        turn = iter(range(1 << 62))
+        return tsets, lambda: tsets[next(turn) % len(tsets)]
+
 
 # ---- decode ------------------------------------------------------------------------------------
 
@@ -121,14 +129,13 @@ def _decode_peers(case, sets, kv_indptr, kv_indices, last, dims, nbytes, time_ms
     hq, hkv, d, ps = dims
     workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
-    tsets = [tuple(torch.from_dlpack(x) for x in one) for one in sets.sets]
+    tsets, next_set = sets.as_torch()
     dev = lambda x: torch.from_dlpack(cupy.asarray(x))
     wrapper.plan(dev(kv_indptr), dev(kv_indices), dev(last), hq, hkv, d, ps,
                  q_data_type=tsets[0][0].dtype, kv_data_type=tsets[0][0].dtype,
                  window_left=opts.get("window_left", -1),
                  logits_soft_cap=opts.get("logits_soft_cap") or None)
-    turn = iter(range(1 << 62))
-    run = lambda: (lambda q, k, v: wrapper.run(q, (k, v)))(*tsets[next(turn) % len(tsets)])
+    run = lambda: (lambda q, k, v: wrapper.run(q, (k, v)))(*next_set())
     ms, _ = time_ms(run)
     return {"flashinfer": nbytes / ms / 1e6}
 
@@ -353,11 +360,10 @@ def mla(case, peers, time_ms, host_us, ceil):
         workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
         peer = fi.mla.BatchMLAPagedAttentionWrapper(workspace)
         dev = lambda x: torch.from_dlpack(cupy.asarray(x))
-        tsets = [[torch.from_dlpack(x) for x in one] for one in sets.sets]
+        tsets, next_set = sets.as_torch()
         peer.plan(dev(qo_indptr), dev(kv_indptr), dev(kv_indices), dev(kv_lens), heads, ckv_dim,
                   kpe_dim, ps, causal, scale, tsets[0][0].dtype, tsets[0][0].dtype)
-        turn = iter(range(1 << 62))
-        peer_ms, _ = time_ms(lambda: peer.run(*tsets[next(turn) % len(tsets)]))
+        peer_ms, _ = time_ms(lambda: peer.run(*next_set()))
         row["peers"]["flashinfer"] = (flops if compute else nbytes * 1e3) / peer_ms / 1e9
     return row
 
