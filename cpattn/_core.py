@@ -380,14 +380,22 @@ def _smem_limit():
     return _SMEM_LIMITS[device.id]
 
 
-def load_kernel(op: str, targs: tuple, smem: int, what: str):
+def load_kernel(op: str, targs: tuple, smem: int, what: str, registers: int | None = None):
     """The compiled kernel, its dynamic shared-memory limit raised once; ``what`` names the
-    configuration in the error raised when this GPU has too little shared memory for it."""
+    configuration in the error raised when this GPU has too little shared memory for it.
+
+    ``registers``: a warp-specialised kernel's registers a thread at launch. Its warpgroups trade
+    registers (setmaxnreg) within the launch's share: built with another share, its consumers
+    would wait forever for registers the producer never frees, so that is an error here."""
     limit = _smem_limit()
     if limit is not None and smem > limit:
         raise NotImplementedError(f"{what} needs {smem} bytes of shared memory per block; this "
                                   f"GPU allows {limit}")
     kernel = _kernels.get_kernel(op, targs)
+    if registers is not None and kernel.num_regs != registers:
+        raise RuntimeError(f"{_kernels.name_expression(op, targs)} was built with "
+                           f"{kernel.num_regs} registers a thread; its register split assumes "
+                           f"{registers}")
     if id(kernel) not in _SMEM_SET:
         kernel.max_dynamic_shared_size_bytes = smem
         _SMEM_SET.add(id(kernel))
@@ -395,15 +403,9 @@ def load_kernel(op: str, targs: tuple, smem: int, what: str):
 
 
 def _attention_kernel(cfg, dtype, head_dim: int):
-    kernel = load_kernel(cfg.op, cfg.targs(_kernels.CTYPES[A.dtype_name(dtype)], head_dim),
-                         cfg.smem_bytes(head_dim), f"head_dim {head_dim} with these tiles")
-    if isinstance(cfg, _tiles.HopperTileConfig) and kernel.num_regs != cfg.launch_registers:
-        # Its warpgroups trade registers (setmaxnreg) within the launch's share: with another
-        # share the consumers would wait forever for registers the producer never frees.
-        raise RuntimeError(f"{cfg.op} {cfg.targs('T', head_dim)} was built with "
-                           f"{kernel.num_regs} registers a thread; its register split assumes "
-                           f"{cfg.launch_registers}")
-    return kernel
+    return load_kernel(cfg.op, cfg.targs(_kernels.CTYPES[A.dtype_name(dtype)], head_dim),
+                       cfg.smem_bytes(head_dim), f"head_dim {head_dim} with these tiles",
+                       getattr(cfg, "launch_registers", None))
 
 
 def preload(cfg: _tiles.TileConfig, dtype, head_dim: int) -> None:

@@ -147,18 +147,22 @@ MLA_TILES = (MLATileConfig(1, 4, 64, 2), MLATileConfig(2, 4, 64, 2))
 
 @dataclass(frozen=True)
 class HopperMLATileConfig:
-    """``mla_attention_sm90_kernel<T, TILE, STAGES>`` (wgmma, sm_90a): two warpgroups share 64
-    packed rows; each computes S for half of a tile's keys and O for half of the 512 dims."""
+    """``mla_attention_sm90_kernel<T, TILE, STAGES>`` (wgmma, sm_90a, warp specialised): a
+    producer warpgroup loads for two consumer warpgroups sharing 64 packed rows; each consumer
+    computes S for half of a tile's keys and O for half of the 512 dims."""
     tile: int
     stages: int
     op = "mla_attention_sm90"
     rows = 64
-    threads = 256
+    threads = 384
+    launch_registers = 168  #: 65536 / 384, a multiple of 8 (the kernel's launch_registers<2>())
 
     def smem_bytes(self) -> int:
-        """Q rows + key stages (576 dims each) + P (rows x tile) + the warpgroups' row values."""
+        """Q rows + key stages (576 dims each) + P (rows x tile) + the warpgroups' row values +
+        the stages' full and empty barriers and Q's (8 bytes each)."""
         row = (MLA_CKV_DIM + MLA_KPE_DIM) * 2
-        return self.rows * row + self.stages * self.tile * row + self.rows * self.tile * 2 + 2 * self.rows * 4
+        return (self.rows * row + self.stages * self.tile * row + self.rows * self.tile * 2
+                + 2 * self.rows * 4 + 8 * (2 * self.stages + 1))
 
     def targs(self, ctype: str) -> tuple[str, ...]:
         return (ctype, str(self.tile), str(self.stages))

@@ -93,3 +93,25 @@ def row_boxes(k_shape, strides, kv_layout: str, paged: bool, head_dim: int, tile
     fits = fits and rows > 0 and all(s % 8 == 0 for st in strides for s in st[1:])
     return (rows, heads, box) if fits else None
 
+
+def mla_row_boxes(ckv_shape, strides, tile: int):
+    """How the Hopper MLA kernel reads the latent pools by TMA: ``(rows, box_rows)`` (the pools'
+    page slots as rows, one box a page), or None when it must copy by cp.async.
+
+    ``strides``: the element strides of ckv ``[num_pages, page_size, 512]`` and kpe ``[...,
+    64]``. Pages must be contiguous runs of slots, their size a power of two of at least 16 that
+    divides the tile (16: the keys between the producer's thread 0 copy rows, mla_tiles.cuh),
+    with under 2^31 slots in all and strides multiples of 16 bytes.
+
+    >>> mla_row_boxes((10, 64, 512), [(64 * 576, 576, 1), (64 * 576, 576, 1)], 64)
+    (640, 64)
+    >>> mla_row_boxes((10, 1, 512), [(576, 576, 1), (576, 576, 1)], 64) is None
+    True
+    """
+    num_pages, page_size = ckv_shape[0], ckv_shape[1]
+    rows = num_pages * page_size
+    fits = (page_size >= 16 and page_size & (page_size - 1) == 0 and tile % page_size == 0
+            and 0 < rows < 2 ** 31
+            and all(page == page_size * slot and slot % 8 == 0 for page, slot, _ in strides))
+    return (rows, page_size) if fits else None
+

@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from . import _arrays as A
-from . import _core, _kernels, _tiles, planner
+from . import _core, _kernels, _tiles, _tma, planner
 from .attention import _host_indptr, attention_dtype
 from .paged import SequencePages, _PageTables, _cache_dtype, _intake_pools, _new_pools, _write
 from .planner import positive_int
@@ -259,7 +259,8 @@ class BatchMLA:
                       kv_indptr=kv_indptr, kv_indices=kv_indices, kv_lens=kv_lens,
                       merge_indptr=merge_indptr)
         kernel = _core.load_kernel(cfg.op, cfg.targs(_kernels.CTYPES[A.dtype_name(dtype)]),
-                                   cfg.smem_bytes(), f"MLA with {cfg.rows}-row tiles")
+                                   cfg.smem_bytes(), f"MLA with {cfg.rows}-row tiles",
+                                   getattr(cfg, "launch_registers", None))
         pointers = self._buffer.upload(arrays, stream)
         params = np.zeros((), MLA_PARAMS_DTYPE)
         for name, ptr in pointers.items():
@@ -277,11 +278,15 @@ class BatchMLA:
             rows = limits["total_q"] if limits else total_q
             merge = self._split.merge(pointers["merge_indptr"], rows, dtype)
         # One grid dimension, item-major: the kernel takes (item, head block) from blockIdx.x.
+        # The Hopper kernel also takes tensor maps of the pools (encoded at run()).
+        maps = np.zeros((), _tma.KV_MAPS_DTYPE) if cfg is _tiles.MLA_SM90 else None
         launch = _core.DirectLaunch(kernel, (grid * head_blocks,), (cfg.threads,),
-                                    cfg.smem_bytes(), [params])
+                                    cfg.smem_bytes(), [params] if maps is None else [params, maps])
         self._plan = dict(launch=launch, params=launch.args[0], heads=num_heads, dtype=dtype,
                           total_q=total_q, page_size=page_size, split=split, merge=merge,
-                          max_page=int(kv_indices.max(initial=-1)), checked=None)
+                          max_page=int(kv_indices.max(initial=-1)), checked=None,
+                          maps=None if maps is None else launch.args[1], maps_of=None,
+                          tile=cfg.tile)
 
     def _graph_tiles(self, cfg, group, num_heads, dtype, causal, sm_scale, page_size):
         """Graph mode: the first plan fixes the tiles and launch arguments; later plans keep
@@ -329,6 +334,8 @@ class BatchMLA:
             out, lse = _core.run_outputs(q_nope, "q_nope", (plan["total_q"], plan["heads"], CKV_DIM),
                                          "[qo_indptr[-1], num_heads, 512]", out, return_lse,
                                          plan["split"], self._split.lse_scratch)
+        if plan["maps"] is not None:
+            self._encode_maps(ckv_cache, kpe_cache)
         params = plan["params"]
         params["q_nope"], params["q_pe"] = q_nope.data.ptr, q_pe.data.ptr
         params["ckv"], params["kpe"] = ckv_cache.data.ptr, kpe_cache.data.ptr
@@ -340,6 +347,24 @@ class BatchMLA:
         if self._limits is not None:
             out, lse = out[:plan["total_q"]], lse[:plan["total_q"]]
         return (out, lse) if return_lse else out
+
+    def _encode_maps(self, ckv_cache, kpe_cache) -> None:
+        """Tensor maps of the ckv and kpe pools as rows of page slots (``_tma.mla_row_boxes``),
+        re-encoded when a pool changes; disabled (cp.async) when their layout does not suit."""
+        plan = self._plan
+        seen = (ckv_cache.data.ptr, kpe_cache.data.ptr, ckv_cache.shape, ckv_cache.strides,
+                kpe_cache.strides)
+        if seen == plan["maps_of"]:
+            return
+        strides = [A.element_strides(x) for x in (ckv_cache, kpe_cache)]
+        boxes = _tma.mla_row_boxes(ckv_cache.shape, strides, plan["tile"])
+        maps = plan["maps"]
+        maps["enabled"] = int(boxes is not None)
+        if boxes is not None:
+            rows, box = boxes
+            for name, x, (_, slot, _) in (("k", ckv_cache, strides[0]), ("v", kpe_cache, strides[1])):
+                _tma.encode_rows(maps[name], x.data.ptr, rows, 1, x.shape[2], slot, slot, box)
+        plan["maps_of"] = seen
 
     def _check_run(self, q_nope, q_pe, ckv_cache, kpe_cache) -> None:
         """Full checks the first time a layout is seen; then only the base alignment."""

@@ -30,23 +30,8 @@
 
 using namespace cpattn;
 
-// Registers per thread after the split. setmaxnreg moves registers between the warpgroups of a
-// CTA, within what the launch gave it (launch_registers a thread: the register file shared by
-// the CTA's threads, a multiple of 8): the producer keeps enough for the page ids of its key
-// rows and gives the rest to the consumers (at most 248 each). Asking for more than was given
-// back would block forever.
+// The producer keeps enough registers for the page ids of its key rows (mbarrier.cuh).
 constexpr int PRODUCER_REGISTERS = 96;
-template <int WARPGROUPS>
-constexpr int launch_registers() {
-  const int share = 65536 / (128 * (WARPGROUPS + 1)) / 8 * 8;
-  return share < 248 ? share : 248;
-}
-template <int WARPGROUPS>
-constexpr int consumer_registers() {
-  const int share = (launch_registers<WARPGROUPS>() * (WARPGROUPS + 1) - PRODUCER_REGISTERS) /
-                    WARPGROUPS / 8 * 8;
-  return share < 248 ? share : 248;
-}
 
 template <typename T, int HEAD_DIM, int WARPGROUPS, int TILE, int STAGES, int CTAS>
 __global__ void __launch_bounds__(128 * (WARPGROUPS + 1), CTAS)
@@ -152,7 +137,7 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
     asm volatile("cp.async.wait_all;\n" ::: "memory");
     return;
   }
-  warpgroup_registers_inc<consumer_registers<WARPGROUPS>()>();
+  warpgroup_registers_inc<consumer_registers<WARPGROUPS, PRODUCER_REGISTERS>()>();
 
   const int warp = threadIdx.x / 32 - 4;  // among the consumers
   const int row0 = warp * 16;             // = 64 * (warpgroup - 1) + 16 * (warp % 4)

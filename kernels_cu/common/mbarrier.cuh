@@ -35,8 +35,28 @@ __device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, int parit
       "@!done bra wait_%=;\n}\n" :: "r"(smem_addr(bar)), "r"(parity) : "memory");
 }
 
+// Named CTA barrier `id` (1..15; 0 is __syncthreads) over `threads` threads, e.g. the consumer
+// warpgroups of a warp-specialised kernel without its producer.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+
 // Registers per thread of the calling warpgroup (all its warps execute it): a producer gives
-// registers back, consumers take them (the sum over warpgroups must fit the register file).
+// registers back, consumers take them. setmaxnreg moves registers between the warpgroups of a
+// CTA within what the launch gave it (launch_registers a thread: the register file shared by
+// the CTA's threads, a multiple of 8); asking for more than was given back waits forever. With
+// one producer and WARPGROUPS consumer warpgroups, the consumers get consumer_registers (at
+// most 248) when the producer keeps PRODUCER.
+template <int WARPGROUPS>
+constexpr int launch_registers() {
+  const int share = 65536 / (128 * (WARPGROUPS + 1)) / 8 * 8;
+  return share < 248 ? share : 248;
+}
+template <int WARPGROUPS, int PRODUCER>
+constexpr int consumer_registers() {
+  const int share = (launch_registers<WARPGROUPS>() * (WARPGROUPS + 1) - PRODUCER) / WARPGROUPS / 8 * 8;
+  return share < 248 ? share : 248;
+}
 template <int REGS>
 __device__ __forceinline__ void warpgroup_registers_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(REGS));

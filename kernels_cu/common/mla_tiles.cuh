@@ -12,6 +12,7 @@
 #include "common/mla_params.cuh"
 #include "common/work_item.cuh"
 #include "common/paged.cuh"
+#include "common/mbarrier.cuh"
 
 namespace cpattn {
 
@@ -82,7 +83,8 @@ struct MLATiles {
     }
   }
 
-  __device__ __forceinline__ void issue(int tile, uint4* dst) {
+  // Tile `tile` into dst, uncommitted.
+  __device__ __forceinline__ void copy(int tile, uint4* dst) {
     const T* ckv = static_cast<const T*>(p.ckv);
     const T* kpe = static_cast<const T*>(p.kpe);
 #pragma unroll
@@ -100,7 +102,20 @@ struct MLATiles {
       }
       cp_async_16(dst + Layout::at(r, MLA_CKV_CHUNKS + copy_col), kpe_row + copy_col * 8, valid);
     }
+  }
+
+  // One commit group: copy(), committed.
+  __device__ __forceinline__ void issue(int tile, uint4* dst) {
+    copy(tile, dst);
     cp_async_commit();
+  }
+
+  // Producer / consumer pipelines (mbarrier.cuh): tile t into stage `stage`, one arrival on
+  // `full` when this thread's copies have landed, then the page ids of tile t + 1.
+  __device__ __forceinline__ void produce(int t, int stage, unsigned long long* full) {
+    copy(t, tiles + stage * TILE * MLA_ROW_CHUNKS);
+    cp_async_arrive(full);
+    fetch_pages(t + 1);
   }
 
   __device__ __forceinline__ void start() {

@@ -13,7 +13,8 @@ struct alignas(128) TensorMap {
 
 // K and V rows of a ragged batch, [rows, kv_heads, head_dim], in boxes of TILE rows x 64 dims of
 // one head (cpattn/_tma.py): 128-byte rows written with the 128-byte swizzle, which is the
-// layout of SwizzledBlocks (wgmma.cuh). enabled = 0: no maps (the kernel copies by cp.async).
+// layout of SwizzledBlocks (wgmma.cuh); MLA passes its ckv rows as k and its kpe rows as v.
+// enabled = 0: no maps (the kernel copies by cp.async).
 struct KVTensorMaps {
   TensorMap k, v;
   int enabled;
