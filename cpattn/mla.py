@@ -358,12 +358,16 @@ class BatchMLA:
             return
         strides = [A.element_strides(x) for x in (ckv_cache, kpe_cache)]
         boxes = _tma.mla_row_boxes(ckv_cache.shape, strides, plan["tile"])
-        maps = plan["maps"]
-        maps["enabled"] = int(boxes is not None)
-        if boxes is not None:
+        maps, enabled = plan["maps"], boxes is not None
+        if enabled:
             rows, box = boxes
-            for name, x, (_, slot, _) in (("k", ckv_cache, strides[0]), ("v", kpe_cache, strides[1])):
-                _tma.encode_rows(maps[name], x.data.ptr, rows, 1, x.shape[2], slot, slot, box)
+            try:
+                for name, x, (_, slot, _) in (("k", ckv_cache, strides[0]),
+                                              ("v", kpe_cache, strides[1])):
+                    _tma.encode_rows(maps[name], x.data.ptr, rows, 1, x.shape[2], slot, slot, box)
+            except RuntimeError:  # a layout the driver's limits reject: copy by cp.async
+                enabled = False
+        maps["enabled"] = int(enabled)
         plan["maps_of"] = seen
 
     def _check_run(self, q_nope, q_pe, ckv_cache, kpe_cache) -> None:
