@@ -53,6 +53,9 @@ DECODE = {64: TileConfig(1, 1, 4, 64, 2), 128: TileConfig(1, 1, 4, 64, 2),
           256: TileConfig(1, 1, 4, 64, 2)}
 
 
+WORK_SLOT_BYTES = 64  #: a work handed to the consumers (batch_attention_sm90.cu)
+
+
 @dataclass(frozen=True)
 class HopperTileConfig:
     """``batch_attention_sm90_kernel<T, HEAD_DIM, WARPGROUPS, TILE, STAGES, CTAS>`` (wgmma,
@@ -83,9 +86,11 @@ class HopperTileConfig:
 
     def smem_bytes(self, head_dim: int) -> int:
         """Two buffers of Q rows + K/V stages (each a multiple of 1024 bytes: the tiles stay
-        aligned) + the full and empty barriers of the stages and of the Q buffers (8 bytes each)."""
+        aligned) + the full and empty barriers of the stages and of the Q buffers (8 bytes each)
+        + the works of the two Q buffers."""
         row = head_dim * 2
-        return 2 * self.rows * row + 2 * self.stages * self.tile * row + 8 * (2 * self.stages + 4)
+        return (2 * self.rows * row + 2 * self.stages * self.tile * row
+                + 8 * (2 * self.stages + 4) + 2 * WORK_SLOT_BYTES)
 
     def targs(self, ctype: str, head_dim: int) -> tuple[str, ...]:
         return (ctype, str(head_dim), str(self.warpgroups), str(self.tile), str(self.stages),

@@ -30,6 +30,17 @@
 
 using namespace cpattn;
 
+// A CTA's work x (item and head block, work_item.cuh) and its key tiles. The producer reads it
+// from the plan and hands it to the consumers in shared memory beside its Q buffer.
+template <int ROWS, int TILE>
+struct Work {
+  WorkItem w;
+  KeyTiles<TILE> tiles;
+  __device__ __forceinline__ Work(const AttentionParams& p, int x)
+      : w(work_item_at<ROWS>(p, x)), tiles(p, w) {}
+};
+constexpr int WORK_SLOT_BYTES = 64;  // _tiles.HopperTileConfig.smem_bytes counts two
+
 // The producer keeps enough registers for the page ids of its key rows (mbarrier.cuh).
 constexpr int PRODUCER_REGISTERS = 96;
 
@@ -42,6 +53,7 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
   static_assert(HEAD_DIM % 64 == 0, "head_dim must be a multiple of 64 (128-byte swizzle blocks)");
   static_assert(TILE == 64 || TILE == 128, "S = Q K^T is one wgmma wide (n 64 or 128)");
   static_assert(STAGES >= 2, "the producer runs a tile ahead at least");
+  static_assert(sizeof(Work<ROWS, TILE>) <= WORK_SLOT_BYTES, "a work slot holds a Work");
 
   extern __shared__ __align__(1024) uint4 smem[];
   uint4* q_tiles = smem;                              // [2] ROWS x CHUNKS, SwizzledBlocks<ROWS>
@@ -51,42 +63,40 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
   unsigned long long* empty = full + STAGES;          // [STAGES]
   unsigned long long* q_full = empty + STAGES;        // [2]
   unsigned long long* q_empty = q_full + 2;           // [2]
+  Work<ROWS, TILE>* work_slots = reinterpret_cast<Work<ROWS, TILE>*>(q_empty + 2);  // [2], as Q
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbarrier_init(&full[s], 128);              // every producer thread's copies
       mbarrier_init(&empty[s], 4 * WARPGROUPS);  // every consumer warp
     }
     for (int b = 0; b < 2; ++b) {
-      mbarrier_init(&q_full[b], 128);
+      mbarrier_init(&q_full[b], 128 + 1);  // every producer thread's copies, and the work's slot
       mbarrier_init(&q_empty[b], 4 * WARPGROUPS);
     }
     mbarrier_init_fence();
   }
   __syncthreads();
 
-  // Works x = blockIdx.x + n * gridDim.x; work n uses Q buffer n % 2, and the tiles of all works
-  // go round the stages in one sequence (`tile`: tile count so far), so the producer loads the
-  // next work's Q and first tiles while the consumers finish this one.
+  // Works x = blockIdx.x + n * gridDim.x; work n uses Q buffer and work slot n % 2, and the tiles
+  // of all works go round the stages in one sequence (`tile`: tile count so far), so the producer
+  // reads the next work, loads its Q and first tiles while the consumers finish this one.
   const int head_blocks = p.num_qo_heads / p.group_size, works = num_works(p, head_blocks);
-  struct Work {  // work n of this CTA (x = blockIdx.x + n * gridDim.x), its keys and Q buffer
-    WorkItem w;
-    KeyTiles<TILE> tiles;
-    int qb;
-    __device__ __forceinline__ Work(const AttentionParams& p, int x, int n)
-        : w(work_item_at<ROWS>(p, x)), tiles(p, w), qb(n % 2) {}
-  };
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer
     warpgroup_registers_dec<PRODUCER_REGISTERS>();
     int tile = 0;
     for (int x = blockIdx.x, n = 0; x < works; x += gridDim.x, ++n) {
-      const Work work(p, x, n);
+      const Work<ROWS, TILE> work(p, x);
       const WorkItem& w = work.w;
       const KeyTiles<TILE>& tiles = work.tiles;
-      const int qb = work.qb;
+      const int qb = n % 2;
       mbarrier_wait(&q_empty[qb], ((n / 2) & 1) ^ 1);
       issue_q_rows<SwizzledBlocks<ROWS>, T, ROWS, CHUNKS, 128>(p, w, q_tiles + qb * ROWS * CHUNKS);
       cp_async_arrive(&q_full[qb]);
+      if (threadIdx.x == 0) {  // the consumers read the work here rather than from the plan
+        work_slots[qb] = work;
+        mbarrier_arrive(&q_full[qb]);
+      }
       KVTiles<SwizzledBlocks<TILE>, T, CHUNKS, 128, TILE, STAGES> kv(
           p, k_tiles, v_tiles, w.request, w.head_block, tiles.kv_begin, w.kv_end, tiles.num_tiles);
       kv.fetch_pages(0);
@@ -171,15 +181,15 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
 
   int tile = 0;
   for (int x = blockIdx.x, n = 0; x < works; x += gridDim.x, ++n) {
-    const Work work(p, x, n);
+    const int qb = n % 2;
+    mbarrier_wait(&q_full[qb], (n / 2) & 1);
+    const Work<ROWS, TILE> work = work_slots[qb];  // a copy: the slot is refilled two works on
     const WorkItem& w = work.w;
     const KeyTiles<TILE>& tiles = work.tiles;
-    const int qb = work.qb;
     // This warpgroup's 64 rows of each 64-dim block of Q (8 rows of 128 bytes = 1024 apart).
     const uint4* q_rows = q_tiles + qb * ROWS * CHUNKS + (warpgroup - 1) * 64 * 8;
     RowsState<HEAD_DIM> st;
     init_rows(st);
-    mbarrier_wait(&q_full[qb], (n / 2) & 1);
     for (int t = 0; t < tiles.num_tiles; ++t, ++tile) {
       const int stage = tile % STAGES;
       mbarrier_wait(&full[stage], (tile / STAGES) & 1);

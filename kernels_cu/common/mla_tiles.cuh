@@ -152,15 +152,13 @@ __device__ __forceinline__ void mla_mask_block(float (&s)[KEYS / 8][4], const ML
   const int first_query = w.q_start + min(row0, max(w.valid_rows - 1, 0)) / p.group_size;
   const int last_key = first_key + KEYS - 1;
   if (last_key < w.kv_end && !(p.causal && last_key > first_query + w.diag)) return;
+  int lo[2] = {0, 0}, hi[2];  // each row's visible keys, as offsets from first_key
 #pragma unroll
-  for (int n = 0; n < KEYS / 8; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int key = first_key + n * 8 + 2 * (lane % 4) + (e % 2);
-      const int query = w.q_start + (row0 + lane / 4 + 8 * (e / 2)) / p.group_size;
-      const bool visible = key < w.kv_end && (!p.causal || key <= query + w.diag);
-      s[n][e] = visible ? s[n][e] : NEG_INF;
-    }
+  for (int h = 0; h < 2; ++h) {
+    const int query = w.q_start + (row0 + lane / 4 + 8 * h) / p.group_size;
+    hi[h] = (p.causal ? min(w.kv_end, query + w.diag + 1) : w.kv_end) - first_key;
+  }
+  mask_outside(s, lo, hi);
 }
 
 // Row r (query w.q_start + r / group) of a finished item: output dims [dim0, dim0 + 8 * N) from

@@ -105,6 +105,26 @@ __device__ __forceinline__ float quad_row_max(const float (&c)[N][4], int h) {
   return fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
 }
 
+// Keep the keys [lo[h], hi[h]) of row g + 8h of C fragments c[n][e] and set the others to -inf
+// (selected, never added: -inf + NaN stays NaN). Key indices are relative to the fragment's first
+// column: c[n][e] is key n * 8 + 2 (lane % 4) + e % 2, so one compare pair a score.
+template <int N>
+__device__ __forceinline__ void mask_outside(float (&c)[N][4], const int (&lo)[2],
+                                             const int (&hi)[2]) {
+  const int col = 2 * (threadIdx.x % 4);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int first = lo[h] - col, end = hi[h] - col;  // bounds on n * 8 + e % 2
+#pragma unroll
+    for (int n = 0; n < N; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = n * 8 + e;
+        c[n][2 * h + e] = (j >= first && j < end) ? c[n][2 * h + e] : -__int_as_float(0x7f800000);
+      }
+  }
+}
+
 // Store two adjacent elements (ptr 4-byte aligned for 2-byte T, 8-byte for float).
 template <typename T>
 __device__ __forceinline__ void store_pair(T* ptr, float lo, float hi) {

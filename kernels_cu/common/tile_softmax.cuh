@@ -34,25 +34,35 @@ __device__ __forceinline__ void scores_to_logits(float (&s)[WARP_KEYS / 8][4], c
       for (int e = 0; e < 4; ++e) s[n][e] = p.soft_cap_log2 * tanhf(s[n][e] * p.logits_scale);
   }
   if (!masked) return;
-  const int queries[2] = {q_start + (row0 + lane / 4) / p.group_size,  // of rows g and g + 8
-                          q_start + (row0 + lane / 4 + 8) / p.group_size};
+  // Row h's visible keys [lo, hi) (absolute), then as offsets from first_key.
+  int lo[2], hi[2];
 #pragma unroll
-  for (int n = 0; n < WARP_KEYS / 8; ++n) {
+  for (int h = 0; h < 2; ++h) {
+    const int query = q_start + (row0 + lane / 4 + 8 * h) / p.group_size;
+    hi[h] = p.causal ? min(kv_end, query + diag + 1) : kv_end;
+    lo[h] = p.window_left >= 0
+                ? static_cast<int>(max(static_cast<long long>(query) + diag - p.window_left,
+                                       static_cast<long long>(first_key)))
+                : first_key;
+    if (read_bits) {  // a partial custom-mask tile: each visible key's bit too
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int key = first_key + n * 8 + 2 * (lane % 4) + (e % 2);
-      const int query = queries[e / 2];
-      bool visible = key < kv_end;
-      if (p.causal) visible &= key <= query + diag;
-      if (p.window_left >= 0) visible &= key >= query + diag - p.window_left;
-      if (read_bits && visible && query < qo_len) {
-        const long long bit = static_cast<long long>(p.mask_indptr[b]) * 8 +
-                              static_cast<long long>(query) * kv_len + key;
-        visible = (__ldg(p.mask + (bit >> 3)) >> (bit & 7)) & 1;
-      }
-      s[n][e] = visible ? s[n][e] : NEG_INF;  // selected, never added: -inf + NaN stays NaN
+      for (int n = 0; n < WARP_KEYS / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = first_key + n * 8 + 2 * (lane % 4) + e;
+          bool visible = key >= lo[h] && key < hi[h];
+          if (visible && query < qo_len) {
+            const long long bit = static_cast<long long>(p.mask_indptr[b]) * 8 +
+                                  static_cast<long long>(query) * kv_len + key;
+            visible = (__ldg(p.mask + (bit >> 3)) >> (bit & 7)) & 1;
+          }
+          s[n][2 * h + e] = visible ? s[n][2 * h + e] : NEG_INF;
+        }
     }
+    lo[h] -= first_key;
+    hi[h] -= first_key;
   }
+  mask_outside(s, lo, hi);
 }
 
 // Online softmax over one tile, in two phases (a Hopper kernel issues its next Q K^T between
