@@ -18,6 +18,26 @@ struct RowsState {
   float d[2];                // this thread's part of the running denominators
 };
 
+// KEYS bits of a packed (little-endian) mask from bit `bit` on: bits[k] holds bits bit + 32 k ..
+// bit + 32 k + 31. Read as the KEYS / 8 + 1 bytes that cover them, one funnel shift a word, and
+// only bytes that start before `keys` (the bits of the row from `bit` on), so nothing past the
+// row's mask is read.
+template <int KEYS>
+__device__ __forceinline__ void row_mask_bits(const unsigned char* mask, long long bit, int keys,
+                                              unsigned (&bits)[(KEYS + 31) / 32]) {
+  constexpr int BYTES = KEYS / 8 + 1, WORDS = (KEYS + 31) / 32;
+  const unsigned char* src = mask + (bit >> 3);
+  const int shift = static_cast<int>(bit & 7);
+  unsigned raw[WORDS + 1];
+#pragma unroll
+  for (int k = 0; k <= WORDS; ++k) raw[k] = 0;
+#pragma unroll
+  for (int i = 0; i < BYTES; ++i)
+    if (8 * i - shift < keys) raw[i / 4] |= static_cast<unsigned>(__ldg(src + i)) << (8 * (i % 4));
+#pragma unroll
+  for (int k = 0; k < WORDS; ++k) bits[k] = __funnelshift_r(raw[k], raw[k + 1], shift);
+}
+
 // Scores of one tile: soft cap (if on), then (tiles that need it) mask. s[n][e] is key
 // (n * 8 + 2c + e % 2) of the warp's keys for row g + 8 * (e / 2). Without a soft cap the
 // scores stay unscaled: online_softmax folds the scale into the exponent's FMA.
@@ -44,19 +64,18 @@ __device__ __forceinline__ void scores_to_logits(float (&s)[WARP_KEYS / 8][4], c
                 ? static_cast<int>(max(static_cast<long long>(query) + diag - p.window_left,
                                        static_cast<long long>(first_key)))
                 : first_key;
-    if (read_bits) {  // a partial custom-mask tile: each visible key's bit too
+    if (read_bits && query < qo_len) {  // a partial custom-mask tile: the row's bits too
+      const int col = 2 * (lane % 4);
+      unsigned bits[(WARP_KEYS + 31) / 32];  // bit n * 8 + e: key first_key + col + n * 8 + e
+      row_mask_bits<WARP_KEYS>(p.mask, static_cast<long long>(p.mask_indptr[b]) * 8 +
+                                           static_cast<long long>(query) * kv_len + first_key + col,
+                               kv_len - first_key - col, bits);
 #pragma unroll
       for (int n = 0; n < WARP_KEYS / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int key = first_key + n * 8 + 2 * (lane % 4) + e;
-          bool visible = key >= lo[h] && key < hi[h];
-          if (visible && query < qo_len) {
-            const long long bit = static_cast<long long>(p.mask_indptr[b]) * 8 +
-                                  static_cast<long long>(query) * kv_len + key;
-            visible = (__ldg(p.mask + (bit >> 3)) >> (bit & 7)) & 1;
-          }
-          s[n][2 * h + e] = visible ? s[n][2 * h + e] : NEG_INF;
+          const int j = n * 8 + e;
+          s[n][2 * h + e] = (bits[j / 32] >> (j % 32)) & 1 ? s[n][2 * h + e] : NEG_INF;
         }
     }
     lo[h] -= first_key;
