@@ -75,6 +75,8 @@ def intake_all(arrays: dict, optional=("out", "custom_mask")) -> tuple[dict, boo
     arrays must live on one side (and, on the GPU, on one device); mixing raises ValueError
     rather than copying.
     """
+    if _all_cupy_on_one_device(arrays, optional):  # run()'s steady state: nothing to convert
+        return arrays, True
     for k, v in arrays.items():
         if v is None and k not in optional:
             raise TypeError(f"{k} must be a CuPy or NumPy array or a DLPack tensor; got None")
@@ -91,6 +93,22 @@ def intake_all(arrays: dict, optional=("out", "custom_mask")) -> tuple[dict, boo
             raise ValueError(f"{k} is on GPU {v.device.id} but {first_name} is on GPU "
                              f"{first.device.id}; all arrays must be on one device")
     return out, on_gpu
+
+
+def _all_cupy_on_one_device(arrays: dict, optional) -> bool:
+    """True when every entry is a CuPy array (or None where allowed), all on one device."""
+    if cupy is None:
+        return False
+    device = None
+    for k, v in arrays.items():
+        if type(v) is cupy.ndarray:
+            if device is None:
+                device = v.data.device_id
+            elif v.data.device_id != device:
+                return False
+        elif v is not None or k not in optional:
+            return False
+    return device is not None
 
 
 def check_dtype(x, name: str, allowed) -> None:

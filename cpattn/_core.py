@@ -337,7 +337,8 @@ def run_outputs(q, q_name: str, shape: tuple, dims: str, out, return_lse: bool, 
     import cupy
     if out is None:
         out = cupy.empty(shape, q.dtype)
-    else:
+    elif not (out.dtype == q.dtype and out.shape == shape and out.flags.c_contiguous
+              and not out.data.ptr & 3):  # (the steady state passes this one test)
         A.check_same_dtype(out, "out", q, q_name)
         A.check_shape(out, "out", shape, dims)
         if not out.flags.c_contiguous:
@@ -348,15 +349,22 @@ def run_outputs(q, q_name: str, shape: tuple, dims: str, out, return_lse: bool, 
     return out, scratch_lse(scratch, shape[:2]) if need_lse else None
 
 
-def scratch_lse(scratch: list, shape: tuple):
-    """An fp32 lse ``shape`` (rows, heads) nobody reads, from the one-element list ``scratch``
-    (grown when too small; allocated on the current stream)."""
-    import cupy
-    have = scratch[0] if scratch else None
+def scratch_lse(scratch: list, shape: tuple, stream=None):
+    """An fp32 lse ``shape`` (rows, heads) nobody reads, from ``scratch`` (a list the wrapper
+    owns: [buffer, the view last handed out]; grown when too small, on ``stream`` or the
+    current one)."""
+    if scratch:
+        have, view = scratch
+        if view.shape == shape:
+            return view
+    else:
+        have = None
     if have is None or have.shape[0] < shape[0] or have.shape[1] != shape[1]:
-        have = cupy.empty(shape, np.float32)
-        scratch[:] = [have]
-    return have[:shape[0]]
+        import cupy
+        with stream or cupy.cuda.get_current_stream():
+            have = cupy.empty(shape, np.float32)
+    scratch[:] = [have, have[:shape[0]]]
+    return scratch[1]
 
 
 def fixed_outputs(outputs, out, wrapper: str):
@@ -414,6 +422,9 @@ def preload(cfg: _tiles.TileConfig, dtype, head_dim: int) -> None:
     _attention_kernel(cfg, dtype, head_dim)
 
 
+_launch_kernel = _current_stream = None  # CuPy's cuLaunchKernel and current stream (DirectLaunch)
+
+
 class DirectLaunch:
     """``cuLaunchKernel`` on arguments that live in host memory between launches.
 
@@ -424,6 +435,10 @@ class DirectLaunch:
     """
 
     def __init__(self, kernel, grid, block, smem: int, args):
+        global _launch_kernel, _current_stream
+        import cupy
+        from cupy_backends.cuda.api import driver
+        _launch_kernel, _current_stream = driver.launchKernel, cupy.cuda.get_current_stream
         self.func = kernel.kernel.ptr
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.block = tuple(block) + (1,) * (3 - len(block))
@@ -433,13 +448,10 @@ class DirectLaunch:
         self._pointers_address = self._pointers.ctypes.data
 
     def __call__(self, stream=None) -> None:
-        import cupy
-        from cupy_backends.cuda.api import driver
         if self.grid[0] == 0:
             return
-        stream_ptr = (stream or cupy.cuda.get_current_stream()).ptr
-        driver.launchKernel(self.func, *self.grid, *self.block, self.smem, stream_ptr,
-                            self._pointers_address, 0)
+        _launch_kernel(self.func, *self.grid, *self.block, self.smem,
+                       (stream or _current_stream()).ptr, self._pointers_address, 0)
 
 
 class Launcher:
@@ -527,9 +539,7 @@ class Launcher:
             self._encode_maps(k, v)
         if self.merge is not None:  # the kernel writes partial states; the merge, out and lse
             if lse is None:  # (a scratch lse, allocated on the launch stream once)
-                import cupy
-                with stream or cupy.cuda.get_current_stream():
-                    lse = scratch_lse(self._lse_scratch, out.shape[:2])
+                lse = scratch_lse(self._lse_scratch, out.shape[:2], stream)
             self._pointers[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, 0)
             self.launch(stream)
             self.merge[0](out, lse, stream)

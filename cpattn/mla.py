@@ -373,7 +373,9 @@ class BatchMLA:
     def _check_run(self, q_nope, q_pe, ckv_cache, kpe_cache) -> None:
         """Full checks the first time a layout is seen; then only the base alignment."""
         plan = self._plan
-        seen = tuple((x.dtype, x.shape, x.strides) for x in (q_nope, q_pe, ckv_cache, kpe_cache))
+        seen = (q_nope.dtype, q_nope.shape, q_nope.strides, q_pe.dtype, q_pe.shape, q_pe.strides,
+                ckv_cache.dtype, ckv_cache.shape, ckv_cache.strides, kpe_cache.dtype,
+                kpe_cache.shape, kpe_cache.strides)
         if seen != plan["checked"]:
             heads, dtype = plan["heads"], plan["dtype"]
             for name, q, dim in (("q_nope", q_nope, CKV_DIM), ("q_pe", q_pe, KPE_DIM)):
