@@ -69,9 +69,9 @@ def row_boxes(k_shape, strides, kv_layout: str, paged: bool, head_dim: int, tile
     ``strides``: the (page, slot, head) element strides of K and of V (``_core.kv_strides``).
     Ragged (or single-request) keys are rows of tokens, boxes of a whole key tile. Paged: the
     slots of an NHD pool, one box a page, when the pages are contiguous runs of slots, their size
-    is a power of two of at least 8 that divides the tile and a multiple of the keys between the
-    producer's thread 0 copy rows (1024 / head_dim, kv_tiles.cuh: its page ids then name every
-    page of a tile), and the pool has under 2^31 slots. Strides must be multiples of 16 bytes.
+    is a power of two of at least 8 (a 128-byte swizzle atom) that divides the tile in at most 32
+    pages (one producer lane copies each), and the pool has under 2^31 slots. Strides must be
+    multiples of 16 bytes.
 
     >>> row_boxes((100, 8, 128), [(0, 1024, 128)] * 2, "NHD", False, 128, 128)
     (100, 8, 128)
@@ -85,7 +85,7 @@ def row_boxes(k_shape, strides, kv_layout: str, paged: bool, head_dim: int, tile
         page_size = k_shape[1] if nhd else k_shape[2]
         rows, heads, box = k_shape[0] * page_size, k_shape[2] if nhd else k_shape[1], page_size
         fits = (nhd and page_size >= 8 and page_size & (page_size - 1) == 0
-                and page_size % (1024 // head_dim) == 0 and tile % page_size == 0
+                and tile % page_size == 0 and tile // page_size <= 32
                 and rows < 2 ** 31 and all(page == page_size * slot for page, slot, _ in strides))
     else:
         rows, heads = (k_shape[0], k_shape[1]) if nhd else (k_shape[1], k_shape[0])
@@ -99,9 +99,9 @@ def mla_row_boxes(ckv_shape, strides, tile: int):
     page slots as rows, one box a page), or None when it must copy by cp.async.
 
     ``strides``: the element strides of ckv ``[num_pages, page_size, 512]`` and kpe ``[...,
-    64]``. Pages must be contiguous runs of slots, their size a power of two of at least 16 that
-    divides the tile (16: the keys between the producer's thread 0 copy rows, mla_tiles.cuh),
-    with under 2^31 slots in all and strides multiples of 16 bytes.
+    64]``. Pages must be contiguous runs of slots, their size a power of two of at least 8 (a
+    128-byte swizzle atom) that divides the tile (one producer lane copies each page), with under
+    2^31 slots in all and strides multiples of 16 bytes.
 
     >>> mla_row_boxes((10, 64, 512), [(64 * 576, 576, 1), (64 * 576, 576, 1)], 64)
     (640, 64)
@@ -110,7 +110,7 @@ def mla_row_boxes(ckv_shape, strides, tile: int):
     """
     num_pages, page_size = ckv_shape[0], ckv_shape[1]
     rows = num_pages * page_size
-    fits = (page_size >= 16 and page_size & (page_size - 1) == 0 and tile % page_size == 0
+    fits = (page_size >= 8 and page_size & (page_size - 1) == 0 and tile % page_size == 0
             and 0 < rows < 2 ** 31
             and all(page == page_size * slot and slot % 8 == 0 for page, slot, _ in strides))
     return (rows, page_size) if fits else None

@@ -42,7 +42,7 @@ struct Work {
 constexpr int WORK_SLOT_BYTES = 64;  // _tiles.HopperTileConfig.smem_bytes counts two
 
 // The producer keeps enough registers for the page ids of its key rows (mbarrier.cuh).
-constexpr int PRODUCER_REGISTERS = 96;
+constexpr int PRODUCER_REGISTERS = 104;
 
 template <typename T, int HEAD_DIM, int WARPGROUPS, int TILE, int STAGES, int CTAS>
 __global__ void __launch_bounds__(128 * (WARPGROUPS + 1), CTAS)
@@ -105,43 +105,40 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
         const int first = tiles.kv_begin + t * TILE;
         return maps.enabled && first + TILE <= w.kv_end && (!kv.paged || (first & page_mask) == 0);
       };
+      // Paged TMA tiles: lane j of warp 0 copies page j of each tile.
+      const int lane = threadIdx.x % 32;
+      TilePages<TILE> pages(kv.paged && threadIdx.x < 32, kv.page_table, p.page_size,
+                            tiles.kv_begin, w.kv_end, lane);
       for (int t = 0; t < tiles.num_tiles; ++t, ++tile) {
         const int stage = tile % STAGES, first = tiles.kv_begin + t * TILE;
         mbarrier_wait(&empty[stage], ((tile / STAGES) & 1) ^ 1);
-        // Whole tiles of the request's keys come by TMA (ragged rows, or whole pages: the plan
-        // enables the maps only for power-of-two pages that divide the tile and that thread 0's
-        // page ids, one per ROW_STEP keys, cover); the rest by cp.async, zero-filled past the
-        // keys.
+        // Whole tiles of the request's keys come by TMA (ragged rows, or whole power-of-two
+        // pages that divide the tile); the rest by cp.async, zero-filled past the keys.
         if (by_tma(t)) {
-          if (threadIdx.x == 0) {
+          if (threadIdx.x == 0) mbarrier_arrive_expect_tx(&full[stage], 2 * TILE * HEAD_DIM * 2);
+          if (threadIdx.x < 32) __syncwarp();  // the bytes are expected before any copy lands
+          // Rows [row, row + box) of the maps into the stage's key rows from r.
+          auto load_box = [&](int r, int row) {
             fence_proxy_async();  // after the stage's earlier cp.async writes
-            mbarrier_arrive_expect_tx(&full[stage], 2 * TILE * HEAD_DIM * 2);
-            // Rows [row, row + box) of the maps into the stage's key rows from r.
-            auto load_box = [&](int r, int row) {
 #pragma unroll
-              for (int b = 0; b < HEAD_DIM / 64; ++b) {
-                const int at = (stage * CHUNKS + b * 8) * TILE + r * 8;
-                tma_load_rows(k_tiles + at, maps.k, b * 64, w.head_block, row, &full[stage]);
-                tma_load_rows(v_tiles + at, maps.v, b * 64, w.head_block, row, &full[stage]);
-              }
-            };
-            if (kv.paged) {
-#pragma unroll
-              for (int i = 0; i < decltype(kv)::KEYS_PER_THREAD; ++i) {
-                const int r = i * decltype(kv)::ROW_STEP;  // thread 0's key rows
-                if ((r & page_mask) == 0) load_box(r, kv.pages[i] * p.page_size);
-              }
-            } else {
-              load_box(0, static_cast<int>(kv.ragged_row) + first);
+            for (int b = 0; b < HEAD_DIM / 64; ++b) {
+              const int at = (stage * CHUNKS + b * 8) * TILE + r * 8;
+              tma_load_rows(k_tiles + at, maps.k, b * 64, w.head_block, row, &full[stage]);
+              tma_load_rows(v_tiles + at, maps.v, b * 64, w.head_block, row, &full[stage]);
             }
-          } else {
-            mbarrier_arrive(&full[stage]);
+          };
+          if (pages.active) {
+            load_box(lane * p.page_size, pages.page * p.page_size);
+          } else if (!kv.paged && threadIdx.x == 0) {
+            load_box(0, static_cast<int>(kv.ragged_row) + first);
           }
-          // The next tile's page ids: thread 0's alone when TMA brings it too.
-          if (kv.paged && (threadIdx.x == 0 || !by_tma(t + 1))) kv.fetch_pages(t + 1);
+          if (threadIdx.x != 0) mbarrier_arrive(&full[stage]);
+          // Every thread's page ids when the next tile comes by cp.async.
+          if (kv.paged && !by_tma(t + 1)) kv.fetch_pages(t + 1);
         } else {  // zero-filled past the keys: cp.async
           kv.produce(t, stage, &full[stage]);
         }
+        pages.advance(t);
       }
     }
     asm volatile("cp.async.wait_all;\n" ::: "memory");

@@ -56,6 +56,14 @@ def test_tma_takes_power_of_two_nhd_pages_that_divide_the_tile(page_size, layout
     assert _tma.row_boxes(shape, strides, layout, True, 128, 128) == expected
 
 
+def test_tma_takes_pages_of_8_at_any_head_dim():
+    """One producer lane copies each page of a tile, so only the page count a tile (<= 32) and
+    the 8-row swizzle atom bound the page size."""
+    from cpattn import _tma
+    strides = [(8 * 8 * 64, 8 * 64, 64)] * 2
+    assert _tma.row_boxes((50, 8, 8, 64), strides, "NHD", True, 64, 128) == (400, 8, 8)
+
+
 def test_tma_needs_contiguous_pages_and_16_byte_strides():
     from cpattn import _tma
     spaced = [(2 * 16 * 1024, 1024, 128)] * 2  # pages of a larger buffer: slots do not run on

@@ -55,6 +55,39 @@ struct PageSplit {
   }
 };
 
+// Page ids of the bulk (TMA) copies of whole key tiles of whole pages: lane j of a producer warp
+// copies page j of each tile (a box a page), so it holds the ids of page j of tile t and of tile
+// t + 1, each loaded two tiles before its copy. Only lanes with a page of the tile are active.
+template <int TILE>
+struct TilePages {
+  const int* table;  // the request's page ids
+  PageSplit split;
+  int first_key, kv_end;  // this lane's key of tile 0 (kv_begin + lane * page_size), keys' end
+  bool active;
+  int page, next;         // ids of this lane's page of tiles t and t + 1
+
+  __device__ __forceinline__ TilePages(bool paged, const int* page_table, int page_size,
+                                       int kv_begin, int end, int lane)
+      : table(page_table), split(page_size), first_key(kv_begin + lane * page_size),
+        kv_end(end), active(paged && lane * page_size < TILE), page(0), next(0) {
+    if (active) {
+      page = id(0);
+      next = id(1);
+    }
+  }
+  __device__ __forceinline__ int id(int t) const {
+    const int key = first_key + t * TILE;
+    return key < kv_end ? __ldg(table + split.index(key)) : 0;
+  }
+  // After the copies of tile t: tile t + 1's id is current, tile t + 2's is fetched.
+  __device__ __forceinline__ void advance(int t) {
+    if (active) {
+      page = next;
+      next = id(t + 2);
+    }
+  }
+};
+
 // Where token `token` of a request lives, given the request's first entry in kv_indices.
 struct PageSlot {
   int page;  // page id in [0, num_pages)
