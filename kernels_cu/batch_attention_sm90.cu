@@ -41,6 +41,25 @@ struct Work {
 };
 constexpr int WORK_SLOT_BYTES = 64;  // _tiles.HopperTileConfig.smem_bytes counts two
 
+// Whether the tile of keys from `first` comes by TMA: the maps are on and, paged, it starts a page.
+__device__ __forceinline__ bool by_tma_tile(const KVTensorMaps& maps, bool paged, int first,
+                                            int page_mask) {
+  return maps.enabled && (!paged || (first & page_mask) == 0);
+}
+
+// Rows [from, TILE) of a tile in SwizzledBlocks (CHUNKS / 8 blocks of TILE rows x 128 bytes)
+// set to zero by THREADS threads (this one is `thread`): each chunk of the tile is one thread's
+// (a fixed count each), written when its row is past `from`. Whole rows, so the swizzle is moot.
+template <int TILE, int CHUNKS, int THREADS>
+__device__ __forceinline__ void zero_rows(uint4* tile, int from, int thread) {
+  static_assert(TILE * CHUNKS % THREADS == 0, "the threads share the chunks evenly");
+#pragma unroll
+  for (int k = 0; k < TILE * CHUNKS / THREADS; ++k) {
+    const int chunk = k * THREADS + thread;  // block-major: (block * TILE + row) * 8 + column
+    if ((chunk / 8) % TILE >= from) tile[chunk] = make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
 // The producer keeps enough registers for the page ids of its key rows (mbarrier.cuh).
 constexpr int PRODUCER_REGISTERS = 104;
 
@@ -101,9 +120,8 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
           p, k_tiles, v_tiles, w.request, w.head_block, tiles.kv_begin, w.kv_end, tiles.num_tiles);
       kv.fetch_pages(0);
       const int page_mask = p.page_size - 1;
-      auto by_tma = [&](int t) {
-        const int first = tiles.kv_begin + t * TILE;
-        return maps.enabled && first + TILE <= w.kv_end && (!kv.paged || (first & page_mask) == 0);
+      auto by_tma = [&](int t) {  // uniform: the consumers zero V past the keys of these
+        return by_tma_tile(maps, kv.paged, tiles.kv_begin + t * TILE, page_mask);
       };
       // Paged TMA tiles: lane j of warp 0 copies page j of each tile.
       const int lane = threadIdx.x % 32;
@@ -112,8 +130,9 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
       for (int t = 0; t < tiles.num_tiles; ++t, ++tile) {
         const int stage = tile % STAGES, first = tiles.kv_begin + t * TILE;
         mbarrier_wait(&empty[stage], ((tile / STAGES) & 1) ^ 1);
-        // Whole tiles of the request's keys come by TMA (ragged rows, or whole power-of-two
-        // pages that divide the tile); the rest by cp.async, zero-filled past the keys.
+        // Tiles come by TMA (ragged rows, or whole power-of-two pages that divide the tile),
+        // rows past the keys included (the consumers zero V's and mask K's); by cp.async,
+        // zero-filled past the keys, when the maps are off or a tile starts within a page.
         if (by_tma(t)) {
           if (threadIdx.x == 0) mbarrier_arrive_expect_tx(&full[stage], 2 * TILE * HEAD_DIM * 2);
           if (threadIdx.x < 32) __syncwarp();  // the bytes are expected before any copy lands
@@ -187,16 +206,27 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
     const uint4* q_rows = q_tiles + qb * ROWS * CHUNKS + (warpgroup - 1) * 64 * 8;
     RowsState<HEAD_DIM> st;
     init_rows(st);
+    // Whether the work's tiles come by TMA (each starts where the first does within a page).
+    const bool tiles_by_tma = by_tma_tile(maps, p.kv_indices != nullptr, tiles.kv_begin,
+                                          p.page_size - 1);
     for (int t = 0; t < tiles.num_tiles; ++t, ++tile) {
       const int stage = tile % STAGES;
       mbarrier_wait(&full[stage], (tile / STAGES) & 1);
       fence_proxy_async();  // the producer's cp.async writes, next read by wgmma (async proxy)
       const int mask_class = tiles.mask_class(p, t);
+      const int first = tiles.kv_begin + t * TILE;
       if (mask_class != 0) {
+        if (first + TILE > w.kv_end && tiles_by_tma) {
+          // The copy brought rows past the keys (another request's, or a page's unused slots):
+          // V's are zeroed (0 * NaN would reach the output), K's scores masked below.
+          zero_rows<TILE, CHUNKS, 128 * WARPGROUPS>(v_tiles + stage * TILE * CHUNKS,
+                                                    w.kv_end - first, threadIdx.x - 128);
+          fence_proxy_async();  // the zeros, next read by wgmma
+          named_barrier_sync(1, 128 * WARPGROUPS);
+        }
         float s[TILE / 8][4];
         scores(q_rows, stage, s);
-        softmax_block<HEAD_DIM, TILE>(s, st, p, w, row0, tiles.kv_begin + t * TILE, mask_class,
-                                      logits_scale);
+        softmax_block<HEAD_DIM, TILE>(s, st, p, w, row0, first, mask_class, logits_scale);
         values(stage, s, st);
       }
       if (lead) mbarrier_arrive(&empty[stage]);
