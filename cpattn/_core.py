@@ -330,20 +330,20 @@ def kv_strides(pool, kv_layout: str, paged: bool) -> tuple[int, int, int]:
 
 def run_outputs(q, q_name: str, shape: tuple, dims: str, out, return_lse: bool, need_lse: bool,
                 scratch: list):
-    """(out, lse) a run() writes: ``out`` checked (dtype of q, ``shape``, C-contiguous) or
-    allocated; lse ``shape[:2]`` fp32 when asked for, else, when the launch must write one
-    anyway (``need_lse``: split-KV merges do), a reused scratch array kept in ``scratch`` (a
-    one-element list the wrapper owns), else None."""
+    """(out, lse) a run() writes: ``out`` checked (dtype of q, ``shape``, C-contiguous, 16-byte
+    aligned) or allocated; lse ``shape[:2]`` fp32 when asked for, else, when the launch must
+    write one anyway (``need_lse``: split-KV merges do), a reused scratch array from
+    ``scratch`` (the wrapper's list, see scratch_lse), else None."""
     import cupy
     if out is None:
         out = cupy.empty(shape, q.dtype)
     elif not (out.dtype == q.dtype and out.shape == shape and out.flags.c_contiguous
-              and not out.data.ptr & 3):  # (the steady state passes this one test)
+              and not out.data.ptr & 15):  # (the steady state passes this one test)
         A.check_same_dtype(out, "out", q, q_name)
         A.check_shape(out, "out", shape, dims)
         if not out.flags.c_contiguous:
             raise ValueError("out must be C-contiguous")
-        A.check_vector_aligned(out, "out", 4)
+        A.check_vector_aligned(out, "out")  # kernels store 16-byte chunks
     if return_lse:
         return out, cupy.empty(shape[:2], np.float32)
     return out, scratch_lse(scratch, shape[:2]) if need_lse else None

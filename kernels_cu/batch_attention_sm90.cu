@@ -60,6 +60,51 @@ __device__ __forceinline__ void zero_rows(uint4* tile, int from, int thread) {
   }
 }
 
+// Rows g and g + 8 of the 16 from row0 (a thread's two rows), normalised, into `staged`
+// (SwizzledBlocks<ROWS>, 16-bit T); their lse to p.lse. Rows past w.valid_rows are skipped.
+template <typename T, int HEAD_DIM, int ROWS>
+__device__ __forceinline__ void stage_rows(uint4* staged, const AttentionParams& p,
+                                           const WorkItem& w, int row0,
+                                           const RowsState<HEAD_DIM>& st) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = row0 + lane / 4 + 8 * h;
+    if (r >= w.valid_rows) continue;
+    const bool empty = st.d[h] == 0.f;  // no visible key: output 0, lse -inf
+    const float inv_d = empty ? 0.f : 1.f / st.d[h];
+#pragma unroll
+    for (int n = 0; n < HEAD_DIM / 8; ++n)  // dims n * 8 + 2c, + 1: word c of chunk n
+      reinterpret_cast<unsigned*>(staged + SwizzledBlocks<ROWS>::at(r, n))[lane % 4] =
+          pack_pair<T>(st.o[n][2 * h] * inv_d, st.o[n][2 * h + 1] * inv_d);
+    if (lane % 4 == 0 && p.lse != nullptr) {
+      const int group = p.group_size;
+      const long long row = static_cast<long long>(w.qo_begin + w.q_start + r / group) *
+                                p.num_qo_heads + w.head_block * group + r % group;
+      p.lse[row] = empty ? NEG_INF : (st.m[h] + log2f(st.d[h])) * LN2;
+    }
+  }
+}
+
+// Rows [first, first + 64) of `staged` to the output by 128 threads (this one is `thread`),
+// 16 bytes a store: row r is query w.q_start + r / group, head w.head_block * group + r % group,
+// so the rows of a query are adjacent in the output.
+template <typename T, int HEAD_DIM, int ROWS>
+__device__ __forceinline__ void write_staged_rows(const AttentionParams& p, const WorkItem& w,
+                                                  const uint4* staged, int first, int thread) {
+  constexpr int CHUNKS = HEAD_DIM / 8, ROW_STEP = 128 / CHUNKS;
+  const int chunk = thread % CHUNKS, group = p.group_size;
+  uint4* out = static_cast<uint4*>(p.o);
+#pragma unroll
+  for (int k = 0; k < 64 / ROW_STEP; ++k) {
+    const int r = first + thread / CHUNKS + k * ROW_STEP;
+    if (r >= w.valid_rows) break;
+    const long long row = static_cast<long long>(w.qo_begin + w.q_start + r / group) *
+                              p.num_qo_heads + w.head_block * group + r % group;
+    out[row * CHUNKS + chunk] = staged[SwizzledBlocks<ROWS>::at(r, chunk)];
+  }
+}
+
 // The producer keeps enough registers for the page ids of its key rows (mbarrier.cuh).
 constexpr int PRODUCER_REGISTERS = 104;
 
@@ -231,8 +276,20 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
       }
       if (lead) mbarrier_arrive(&empty[stage]);
     }
-    if (lead) mbarrier_arrive(&q_empty[qb]);
     sum_row_denominators(st);
-    store_rows<T, HEAD_DIM>(p, w, row0, st);
+    if (p.partial_o == nullptr) {
+      // The rows go out through this warpgroup's rows of the work's Q buffer (its Q K^T are
+      // done; the producer refills the buffer only after every warp's q_empty arrival), as
+      // whole 16-byte chunks instead of 4-byte pieces.
+      uint4* staged = q_tiles + qb * ROWS * CHUNKS;
+      stage_rows<T, HEAD_DIM, ROWS>(staged, p, w, row0, st);
+      named_barrier_sync(1 + warpgroup, 128);  // this warpgroup's rows are staged (ids 2, 3)
+      write_staged_rows<T, HEAD_DIM, ROWS>(p, w, staged, (warpgroup - 1) * 64, threadIdx.x % 128);
+      __syncwarp();
+      if (lead) mbarrier_arrive(&q_empty[qb]);
+    } else {
+      if (lead) mbarrier_arrive(&q_empty[qb]);
+      store_rows<T, HEAD_DIM>(p, w, row0, st);  // fp32 partial states of a split-KV work
+    }
   }
 }

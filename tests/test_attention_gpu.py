@@ -134,6 +134,22 @@ def test_batch_prefill_ragged_plan_once_run_per_layer():
         assert_close(cupy.asnumpy(out), ref_o, np.float16, f"layer {layer}")
 
 
+def test_out_must_be_16_byte_aligned():
+    """Kernels store 16-byte chunks of out: a view 4 bytes into a buffer is refused on the host,
+    and the buffer around the view is never written."""
+    import cupy
+    rng = np.random.default_rng(6)
+    qo_indptr = np.array([0, 5, 12], np.int32)
+    q, k, v = to_device(*random_qkv(rng, 12, 12, 8, 2, 64, np.float16))
+    wrapper = cpattn.BatchPrefillRagged()
+    wrapper.plan(qo_indptr, qo_indptr, 8, 2, 64, causal=True)
+    buffer = cupy.full(12 * 8 * 64 + 8, 7.0, np.float16)
+    out = buffer[2:2 + 12 * 8 * 64].reshape(12, 8, 64)  # C-contiguous, 4 bytes past 16
+    with pytest.raises(ValueError, match="out must be 16-byte aligned"):
+        wrapper.run(q, k, v, out=out)
+    assert bool((buffer == 7.0).all())
+
+
 def test_packed_mask_input_matches_bool_mask():
     import cupy
     rng = np.random.default_rng(9)
