@@ -103,12 +103,13 @@ def test_choose_tiles(heads, qo, rows, group):
 
 
 @pytest.mark.parametrize("heads, qo, rows, group, op", [
-    (16, 1, 16, 16, "mla_attention"), (32, 1, 32, 32, "mla_attention"),
+    (16, 1, 16, 16, "mla_attention"), (32, 1, 64, 32, "mla_attention_sm90"),
+    (8, 3, 64, 8, "mla_attention_sm90"),
     (128, 1, 64, 64, "mla_attention_sm90"), (16, 4, 64, 16, "mla_attention_sm90"),
     (48, 1, 64, 48, "mla_attention_sm90"), (64, 2, 64, 64, "mla_attention_sm90"),
-    (8, 4, 32, 8, "mla_attention")])
+    (8, 4, 64, 8, "mla_attention_sm90"), (8, 2, 16, 8, "mla_attention")])
 def test_choose_tiles_on_hopper(heads, qo, rows, group, op):
-    """More than 32 (query, head) rows take the 64-row wgmma tiles on the sm_90a path."""
+    """More than 16 (query, head) rows take the 64-row wgmma tiles on the sm_90a path."""
     cfg, g = mla.choose_tiles(heads, qo, hopper=True)
     assert (cfg.rows, g, cfg.op) == (rows, group, op)
 
