@@ -291,3 +291,10 @@ def test_balanced_waves_cut_a_batch_of_one_and_a_third_waves():
     plain = planner.partition_decode(np.full(64, 4096, np.int32), 8, num_sms=132, ctas_per_sm=3,
                                      tile=64)
     assert not plain.split and plain.num_items == 64
+
+
+def test_balanced_waves_leave_two_waves_whole():
+    """128 x 8 = 1024 CTAs on 396 slots (2.6 waves): cutting would cost more than it fills."""
+    work = planner.partition_decode(np.full(128, 2048, np.int32), 8, num_sms=132, ctas_per_sm=3,
+                                    tile=64, balance_waves=True)
+    assert not work.split and work.num_items == 128
