@@ -187,7 +187,8 @@ def plan_ragged(buffer, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_d
         # Each item's key range runs from its first to its last non-empty tile (empty tiles in
         # between are still copied, but cost no math); the costliest items go first.
         classes, offsets, key_range, work = mask_mod.classify_tiles(
-            masks, request, q_start, queries_per_item, cfg.tile)
+            masks, request, q_start, queries_per_item, cfg.tile,
+            packed=packed if isinstance(packed, np.ndarray) else None, mask_indptr=mask_indptr)
         order = np.argsort(-work, kind="stable")
         arrays.update(item_request=request[order], item_q_start=q_start[order],
                       item_kv_start=key_range[order, 0].copy(),

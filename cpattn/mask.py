@@ -393,7 +393,8 @@ def unpack(packed, mask_indptr, qo_lens, kv_lens):
     return masks
 
 
-def classify_tiles(masks, item_request, item_q_start, queries_per_item, tile):
+def classify_tiles(masks, item_request, item_q_start, queries_per_item, tile, packed=None,
+                   mask_indptr=None):
     """Class of every (work item, key tile) of a custom mask: 0 empty, 1 full, 2 partial.
 
     A work item covers queries ``[q_start, q_start + queries_per_item)`` of its request; key tile
@@ -406,6 +407,9 @@ def classify_tiles(masks, item_request, item_q_start, queries_per_item, tile):
     masks : list of bool [qo_len_b, kv_len_b], one per request
     item_request, item_q_start : int [num_items]
     queries_per_item, tile : int
+    packed, mask_indptr : optional, the same masks packed (host uint8, ``pack``) and each
+        request's first byte; requests whose key length is whole tiles are then classified
+        from the bits (an eighth of the bytes of a bool mask)
 
     Returns
     -------
@@ -427,8 +431,9 @@ def classify_tiles(masks, item_request, item_q_start, queries_per_item, tile):
     # and per query row whether each key tile has any / only visible keys (for items whose first
     # query is not a multiple of queries_per_item).
     blocks, rows = [], []
-    for m in masks:
-        tile_any, tile_all = _row_tiles(m, tile)
+    for b, m in enumerate(masks):
+        bits = None if packed is None else packed[int(mask_indptr[b]):int(mask_indptr[b + 1])]
+        tile_any, tile_all = _row_tiles(m, tile, bits)
         qo_len, n_tiles = tile_any.shape
         nq = -(-qo_len // queries_per_item)
         pad = nq * queries_per_item - qo_len  # rows past the request do not count
@@ -470,12 +475,22 @@ def classify_tiles(masks, item_request, item_q_start, queries_per_item, tile):
 _ONE_BYTES = np.uint64(0x0101010101010101)
 
 
-def _row_tiles(m, tile):
+def _row_tiles(m, tile, bits=None):
     """Per query row of ``m [qo_len, kv_len]`` and key tile: (any key visible, every key
     visible), bool [qo_len, ceil(kv_len / tile)]; keys past kv_len count as neither hidden nor
-    visible. Whole tiles of 8-key words are reduced as uint64 words (a bool is one byte)."""
+    visible. With ``bits`` (m packed, little-endian) and whole tiles of whole bytes, the bits are
+    reduced a word at a time; else whole tiles of 8-key words of the bools (a bool is a byte)."""
     qo_len, kv_len = m.shape
     n_tiles = -(-kv_len // tile)
+    if bits is not None and kv_len % tile == 0 and tile % 8 == 0 and qo_len and kv_len:
+        word = next(w for w in (np.uint64, np.uint32, np.uint16, np.uint8)
+                    if (tile // 8) % np.dtype(w).itemsize == 0)  # rows start on whole words
+        words = bits[:qo_len * kv_len // 8].view(word).reshape(qo_len, n_tiles, -1)
+        any_bits, all_bits = words[:, :, 0].copy(), words[:, :, 0].copy()
+        for i in range(1, words.shape[2]):  # a few words a tile: elementwise beats reduce
+            any_bits |= words[:, :, i]
+            all_bits &= words[:, :, i]
+        return any_bits != 0, all_bits == np.iinfo(word).max
     if kv_len % tile == 0 and tile % 8 == 0 and qo_len and kv_len:
         raw = np.ascontiguousarray(m).view(np.uint8)
         if raw.max() <= 1:  # bytes 0 / 1 (a bool made by a view could hold any nonzero byte)

@@ -289,3 +289,26 @@ def test_classify_tiles_of_whole_word_tiles(shapes, queries_per_item, tile, odd_
         want = np.where(blocks.all(axis=(0, 2)), 1, np.where(blocks.any(axis=(0, 2)), 2, 0))
         assert classes[offsets[i]:offsets[i] + n_tiles].tolist() == want.tolist()
         assert work[i] == int((want != 0).sum())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 6)), min_size=1, max_size=4),
+       st.integers(1, 8), st.sampled_from([8, 16, 32, 64, 128]), st.booleans(),
+       st.integers(0, 2 ** 31 - 1))
+def test_classify_tiles_from_packed_bits_matches_the_bools(shapes, queries_per_item, tile,
+                                                           ragged_keys, seed):
+    """Given the packed bits, whole-tile key lengths are classified from them, the rest from
+    the bools: the same classes, ranges and costs either way."""
+    rng = np.random.default_rng(seed)
+    lens = [(q, k * tile + (int(rng.integers(1, tile)) if ragged_keys and k else 0))
+            for q, k in shapes]
+    masks = [rng.random((q, k)) < rng.choice([0.0, 0.5, 0.97, 1.0]) for q, k in lens]
+    packed, mask_indptr = mask.pack(masks)
+    items = [(b, q0) for b, (q, _) in enumerate(lens) for q0 in range(0, q, queries_per_item)]
+    request = np.array([b for b, _ in items], np.int64)
+    q_start = np.array([q0 for _, q0 in items], np.int64)
+    plain = mask.classify_tiles(masks, request, q_start, queries_per_item, tile)
+    bits = mask.classify_tiles(masks, request, q_start, queries_per_item, tile, packed=packed,
+                               mask_indptr=mask_indptr)
+    for a, b in zip(plain, bits):
+        assert a.tolist() == b.tolist()
