@@ -134,41 +134,14 @@ batch_attention_kernel(const AttentionParams p) {
   for (int mt = 0; mt < M_TILES; ++mt) sum_row_denominators(st[mt]);
   if constexpr (WARPS_KV > 1) {
     // Warps wk > 0 publish (o, m, d); warp wk = 0 of each row block folds them into its own.
-    constexpr int STATE = HEAD_DIM / 2 + 4;  // floats per thread: o, then m[2], d[2]
-    float* shared_state = reinterpret_cast<float*>(smem);  // [WARPS_KV][WARPS_Q][STATE][32]
+    constexpr int STATE = state_floats<HEAD_DIM>() * 32;  // floats per warp
+    float* shared_state = reinterpret_cast<float*>(smem);  // [WARPS_KV][WARPS_Q][STATE]
     __syncthreads();
-    if (wk > 0) {
-      float* mine = shared_state + ((wk * WARPS_Q + wq) * STATE) * 32 + lane;
-#pragma unroll
-      for (int n = 0; n < HEAD_DIM / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) mine[(n * 4 + e) * 32] = st[0].o[n][e];
-      mine[(HEAD_DIM / 2 + 0) * 32] = st[0].m[0];
-      mine[(HEAD_DIM / 2 + 1) * 32] = st[0].m[1];
-      mine[(HEAD_DIM / 2 + 2) * 32] = st[0].d[0];
-      mine[(HEAD_DIM / 2 + 3) * 32] = st[0].d[1];
-    }
+    if (wk > 0) publish_rows(shared_state + (wk * WARPS_Q + wq) * STATE, st[0]);
     __syncthreads();
     if (wk > 0) return;
-    for (int from = 1; from < WARPS_KV; ++from) {
-      const float* other = shared_state + ((from * WARPS_Q + wq) * STATE) * 32 + lane;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float m_other = other[(HEAD_DIM / 2 + h) * 32];
-        const float d_other = other[(HEAD_DIM / 2 + 2 + h) * 32];
-        const float m_new = fmaxf(st[0].m[h], m_other);
-        const float m_ref = m_new == NEG_INF ? 0.f : m_new;
-        const float mine_scale = exp2f(st[0].m[h] - m_ref), other_scale = exp2f(m_other - m_ref);
-        st[0].m[h] = m_new;
-        st[0].d[h] = st[0].d[h] * mine_scale + d_other * other_scale;
-#pragma unroll
-        for (int n = 0; n < HEAD_DIM / 8; ++n) {
-          st[0].o[n][2 * h] = st[0].o[n][2 * h] * mine_scale + other[(n * 4 + 2 * h) * 32] * other_scale;
-          st[0].o[n][2 * h + 1] =
-              st[0].o[n][2 * h + 1] * mine_scale + other[(n * 4 + 2 * h + 1) * 32] * other_scale;
-        }
-      }
-    }
+    for (int from = 1; from < WARPS_KV; ++from)
+      fold_rows(st[0], shared_state + (from * WARPS_Q + wq) * STATE);
   }
 
 #pragma unroll

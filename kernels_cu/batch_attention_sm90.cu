@@ -3,11 +3,10 @@
 // specialised.
 //
 // Persistent: a grid of at most one CTA per SM, each looping over works (item, kv head).
-// Block: 1 + WARPGROUPS warpgroups. Warpgroup 0 is the producer, with few registers: it copies
-// each work's Q rows (cp.async; two buffers, the next work's while this one's are read) and its
-// K / V tiles (TMA for whole tiles, cp.async otherwise, in wgmma's swizzled layout) into shared
-// memory, STAGES tiles ahead across works, and each buffer's "full" barrier (mbarrier.cuh)
-// completes as its copies land. Warpgroups 1.. are consumers, each with 64 of the CTA's ROWS =
+// Block: 1 + WARPGROUPS warpgroups. Warpgroup 0 is the producer (common/kv_producer.cuh), with
+// few registers: it copies each work's Q rows (two buffers, the next work's while this one's are
+// read) and its K / V tiles (TMA for whole tiles, cp.async otherwise, in wgmma's swizzled layout)
+// into shared memory, STAGES tiles ahead across works. Warpgroups 1.. are consumers, each with 64 of the CTA's ROWS =
 // 64 * WARPGROUPS packed (query, head) rows (as in batch_attention: row r is query q_start + r /
 // group, head kv_head * group + r % group); warp i of them holds rows [16 i, 16 i + 16), so each
 // thread's S and O registers are mma.sync C fragments and tile_softmax.cuh serves both kernels.
@@ -26,39 +25,10 @@
 #include "common/attention_params.cuh"
 #include "common/work_item.cuh"
 #include "common/kv_tiles.cuh"
+#include "common/kv_producer.cuh"
 #include "common/tile_softmax.cuh"
 
 using namespace cpattn;
-
-// A CTA's work x (item and head block, work_item.cuh) and its key tiles. The producer reads it
-// from the plan and hands it to the consumers in shared memory beside its Q buffer.
-template <int ROWS, int TILE>
-struct Work {
-  WorkItem w;
-  KeyTiles<TILE> tiles;
-  __device__ __forceinline__ Work(const AttentionParams& p, int x)
-      : w(work_item_at<ROWS>(p, x)), tiles(p, w) {}
-};
-constexpr int WORK_SLOT_BYTES = 64;  // _tiles.HopperTileConfig.smem_bytes counts two
-
-// Whether the tile of keys from `first` comes by TMA: the maps are on and, paged, it starts a page.
-__device__ __forceinline__ bool by_tma_tile(const KVTensorMaps& maps, bool paged, int first,
-                                            int page_mask) {
-  return maps.enabled && (!paged || (first & page_mask) == 0);
-}
-
-// Rows [from, TILE) of a tile in SwizzledBlocks (CHUNKS / 8 blocks of TILE rows x 128 bytes)
-// set to zero by THREADS threads (this one is `thread`): each chunk of the tile is one thread's
-// (a fixed count each), written when its row is past `from`. Whole rows, so the swizzle is moot.
-template <int TILE, int CHUNKS, int THREADS>
-__device__ __forceinline__ void zero_rows(uint4* tile, int from, int thread) {
-  static_assert(TILE * CHUNKS % THREADS == 0, "the threads share the chunks evenly");
-#pragma unroll
-  for (int k = 0; k < TILE * CHUNKS / THREADS; ++k) {
-    const int chunk = k * THREADS + thread;  // block-major: (block * TILE + row) * 8 + column
-    if ((chunk / 8) % TILE >= from) tile[chunk] = make_uint4(0u, 0u, 0u, 0u);
-  }
-}
 
 // Rows g and g + 8 of the 16 from row0 (a thread's two rows), normalised, into `staged`
 // (SwizzledBlocks<ROWS>, 16-bit T); their lse to p.lse. Rows past w.valid_rows are skipped.
@@ -105,9 +75,6 @@ __device__ __forceinline__ void write_staged_rows(const AttentionParams& p, cons
   }
 }
 
-// The producer keeps enough registers for the page ids of its key rows (mbarrier.cuh).
-constexpr int PRODUCER_REGISTERS = 104;
-
 template <typename T, int HEAD_DIM, int WARPGROUPS, int TILE, int STAGES, int CTAS>
 __global__ void __launch_bounds__(128 * (WARPGROUPS + 1), CTAS)
 batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTensorMaps maps) {
@@ -117,95 +84,20 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
   static_assert(HEAD_DIM % 64 == 0, "head_dim must be a multiple of 64 (128-byte swizzle blocks)");
   static_assert(TILE == 64 || TILE == 128, "S = Q K^T is one wgmma wide (n 64 or 128)");
   static_assert(STAGES >= 2, "the producer runs a tile ahead at least");
-  static_assert(sizeof(Work<ROWS, TILE>) <= WORK_SLOT_BYTES, "a work slot holds a Work");
 
   extern __shared__ __align__(1024) uint4 smem[];
-  uint4* q_tiles = smem;                              // [2] ROWS x CHUNKS, SwizzledBlocks<ROWS>
-  uint4* k_tiles = q_tiles + 2 * ROWS * CHUNKS;       // [STAGES] TILE x CHUNKS, SwizzledBlocks<TILE>
-  uint4* v_tiles = k_tiles + STAGES * TILE * CHUNKS;  // [STAGES] TILE x CHUNKS
-  unsigned long long* full = reinterpret_cast<unsigned long long*>(v_tiles + STAGES * TILE * CHUNKS);
-  unsigned long long* empty = full + STAGES;          // [STAGES]
-  unsigned long long* q_full = empty + STAGES;        // [2]
-  unsigned long long* q_empty = q_full + 2;           // [2]
-  Work<ROWS, TILE>* work_slots = reinterpret_cast<Work<ROWS, TILE>*>(q_empty + 2);  // [2], as Q
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      mbarrier_init(&full[s], 128);              // every producer thread's copies
-      mbarrier_init(&empty[s], 4 * WARPGROUPS);  // every consumer warp
-    }
-    for (int b = 0; b < 2; ++b) {
-      mbarrier_init(&q_full[b], 128 + 1);  // every producer thread's copies, and the work's slot
-      mbarrier_init(&q_empty[b], 4 * WARPGROUPS);
-    }
-    mbarrier_init_fence();
-  }
+  const Pipeline<ROWS, TILE, STAGES, CHUNKS> pipe(smem);  // kv_producer.cuh
+  uint4* const q_tiles = pipe.q_tiles;
+  uint4* const k_tiles = pipe.k_tiles;
+  uint4* const v_tiles = pipe.v_tiles;
+  if (threadIdx.x == 0) pipe.init(4 * WARPGROUPS);  // every consumer warp arrives on "empty"
   __syncthreads();
 
-  // Works x = blockIdx.x + n * gridDim.x; work n uses Q buffer and work slot n % 2, and the tiles
-  // of all works go round the stages in one sequence (`tile`: tile count so far), so the producer
-  // reads the next work, loads its Q and first tiles while the consumers finish this one.
   const int head_blocks = p.num_qo_heads / p.group_size, works = num_works(p, head_blocks);
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer
     warpgroup_registers_dec<PRODUCER_REGISTERS>();
-    int tile = 0;
-    for (int x = blockIdx.x, n = 0; x < works; x += gridDim.x, ++n) {
-      const Work<ROWS, TILE> work(p, x);
-      const WorkItem& w = work.w;
-      const KeyTiles<TILE>& tiles = work.tiles;
-      const int qb = n % 2;
-      mbarrier_wait(&q_empty[qb], ((n / 2) & 1) ^ 1);
-      issue_q_rows<SwizzledBlocks<ROWS>, T, ROWS, CHUNKS, 128>(p, w, q_tiles + qb * ROWS * CHUNKS);
-      cp_async_arrive(&q_full[qb]);
-      if (threadIdx.x == 0) {  // the consumers read the work here rather than from the plan
-        work_slots[qb] = work;
-        mbarrier_arrive(&q_full[qb]);
-      }
-      KVTiles<SwizzledBlocks<TILE>, T, CHUNKS, 128, TILE, STAGES> kv(
-          p, k_tiles, v_tiles, w.request, w.head_block, tiles.kv_begin, w.kv_end, tiles.num_tiles);
-      kv.fetch_pages(0);
-      const int page_mask = p.page_size - 1;
-      auto by_tma = [&](int t) {  // uniform: the consumers zero V past the keys of these
-        return by_tma_tile(maps, kv.paged, tiles.kv_begin + t * TILE, page_mask);
-      };
-      // Paged TMA tiles: lane j of warp 0 copies page j of each tile.
-      const int lane = threadIdx.x % 32;
-      TilePages<TILE> pages(kv.paged && threadIdx.x < 32, kv.page_table, p.page_size,
-                            tiles.kv_begin, w.kv_end, lane);
-      for (int t = 0; t < tiles.num_tiles; ++t, ++tile) {
-        const int stage = tile % STAGES, first = tiles.kv_begin + t * TILE;
-        mbarrier_wait(&empty[stage], ((tile / STAGES) & 1) ^ 1);
-        // Tiles come by TMA (ragged rows, or whole power-of-two pages that divide the tile),
-        // rows past the keys included (the consumers zero V's and mask K's); by cp.async,
-        // zero-filled past the keys, when the maps are off or a tile starts within a page.
-        if (by_tma(t)) {
-          if (threadIdx.x == 0) mbarrier_arrive_expect_tx(&full[stage], 2 * TILE * HEAD_DIM * 2);
-          if (threadIdx.x < 32) __syncwarp();  // the bytes are expected before any copy lands
-          // Rows [row, row + box) of the maps into the stage's key rows from r.
-          auto load_box = [&](int r, int row) {
-            fence_proxy_async();  // after the stage's earlier cp.async writes
-#pragma unroll
-            for (int b = 0; b < HEAD_DIM / 64; ++b) {
-              const int at = (stage * CHUNKS + b * 8) * TILE + r * 8;
-              tma_load_rows(k_tiles + at, maps.k, b * 64, w.head_block, row, &full[stage]);
-              tma_load_rows(v_tiles + at, maps.v, b * 64, w.head_block, row, &full[stage]);
-            }
-          };
-          if (pages.active) {
-            load_box(lane * p.page_size, pages.page * p.page_size);
-          } else if (!kv.paged && threadIdx.x == 0) {
-            load_box(0, static_cast<int>(kv.ragged_row) + first);
-          }
-          if (threadIdx.x != 0) mbarrier_arrive(&full[stage]);
-          // Every thread's page ids when the next tile comes by cp.async.
-          if (kv.paged && !by_tma(t + 1)) kv.fetch_pages(t + 1);
-        } else {  // zero-filled past the keys: cp.async
-          kv.produce(t, stage, &full[stage]);
-        }
-        pages.advance(t);
-      }
-    }
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    produce_works<T, HEAD_DIM, ROWS, TILE, STAGES>(p, maps, pipe, works, true);  // head-major
     return;
   }
   warpgroup_registers_inc<consumer_registers<WARPGROUPS, PRODUCER_REGISTERS>()>();
@@ -243,8 +135,8 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
   int tile = 0;
   for (int x = blockIdx.x, n = 0; x < works; x += gridDim.x, ++n) {
     const int qb = n % 2;
-    mbarrier_wait(&q_full[qb], (n / 2) & 1);
-    const Work<ROWS, TILE> work = work_slots[qb];  // a copy: the slot is refilled two works on
+    mbarrier_wait(&pipe.q_full[qb], (n / 2) & 1);
+    const Work<ROWS, TILE> work = pipe.work_slots[qb];  // a copy: the slot is refilled two works on
     const WorkItem& w = work.w;
     const KeyTiles<TILE>& tiles = work.tiles;
     // This warpgroup's 64 rows of each 64-dim block of Q (8 rows of 128 bytes = 1024 apart).
@@ -256,7 +148,7 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
                                           p.page_size - 1);
     for (int t = 0; t < tiles.num_tiles; ++t, ++tile) {
       const int stage = tile % STAGES;
-      mbarrier_wait(&full[stage], (tile / STAGES) & 1);
+      mbarrier_wait(&pipe.full[stage], (tile / STAGES) & 1);
       fence_proxy_async();  // the producer's cp.async writes, next read by wgmma (async proxy)
       const int mask_class = tiles.mask_class(p, t);
       const int first = tiles.kv_begin + t * TILE;
@@ -274,7 +166,7 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
         softmax_block<HEAD_DIM, TILE>(s, st, p, w, row0, first, mask_class, logits_scale);
         values(stage, s, st);
       }
-      if (lead) mbarrier_arrive(&empty[stage]);
+      if (lead) mbarrier_arrive(&pipe.empty[stage]);
     }
     sum_row_denominators(st);
     if (p.partial_o == nullptr) {
@@ -286,9 +178,9 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
       named_barrier_sync(1 + warpgroup, 128);  // this warpgroup's rows are staged (ids 2, 3)
       write_staged_rows<T, HEAD_DIM, ROWS>(p, w, staged, (warpgroup - 1) * 64, threadIdx.x % 128);
       __syncwarp();
-      if (lead) mbarrier_arrive(&q_empty[qb]);
+      if (lead) mbarrier_arrive(&pipe.q_empty[qb]);
     } else {
-      if (lead) mbarrier_arrive(&q_empty[qb]);
+      if (lead) mbarrier_arrive(&pipe.q_empty[qb]);
       store_rows<T, HEAD_DIM>(p, w, row0, st);  // fp32 partial states of a split-KV work
     }
   }

@@ -46,15 +46,16 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 // CTA within what the launch gave it (launch_registers a thread: the register file shared by
 // the CTA's threads, a multiple of 8); asking for more than was given back waits forever. With
 // one producer and WARPGROUPS consumer warpgroups, the consumers get consumer_registers (at
-// most 248) when the producer keeps PRODUCER.
-template <int WARPGROUPS>
+// most 248) when the producer keeps PRODUCER; with CTAS CTAs an SM, each has 1 / CTAS of the file.
+template <int WARPGROUPS, int CTAS = 1>
 constexpr int launch_registers() {
-  const int share = 65536 / (128 * (WARPGROUPS + 1)) / 8 * 8;
+  const int share = 65536 / CTAS / (128 * (WARPGROUPS + 1)) / 8 * 8;
   return share < 248 ? share : 248;
 }
-template <int WARPGROUPS, int PRODUCER>
+template <int WARPGROUPS, int PRODUCER, int CTAS = 1>
 constexpr int consumer_registers() {
-  const int share = (launch_registers<WARPGROUPS>() * (WARPGROUPS + 1) - PRODUCER) / WARPGROUPS / 8 * 8;
+  const int share =
+      (launch_registers<WARPGROUPS, CTAS>() * (WARPGROUPS + 1) - PRODUCER) / WARPGROUPS / 8 * 8;
   return share < 248 ? share : 248;
 }
 template <int REGS>

@@ -183,6 +183,49 @@ __device__ __forceinline__ void sum_row_denominators(RowsState<HEAD_DIM>& st) {
   }
 }
 
+// Warps that split the keys of the same 16 rows merge their states through shared memory:
+// each other warp publishes its (o, m, d), HEAD_DIM / 2 + 4 floats a thread, and one warp folds
+// them into its own. `slot` is a warp's [STATE_FLOATS][32] floats; lanes index the last axis.
+template <int HEAD_DIM>
+constexpr int state_floats() { return HEAD_DIM / 2 + 4; }
+
+template <int HEAD_DIM>
+__device__ __forceinline__ void publish_rows(float* slot, const RowsState<HEAD_DIM>& st) {
+  float* mine = slot + threadIdx.x % 32;
+#pragma unroll
+  for (int n = 0; n < HEAD_DIM / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) mine[(n * 4 + e) * 32] = st.o[n][e];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    mine[(HEAD_DIM / 2 + h) * 32] = st.m[h];
+    mine[(HEAD_DIM / 2 + 2 + h) * 32] = st.d[h];
+  }
+}
+
+// st <- st merged with a published state over other keys of the same rows (denominators of
+// both already summed over the quad, or both not).
+template <int HEAD_DIM>
+__device__ __forceinline__ void fold_rows(RowsState<HEAD_DIM>& st, const float* slot) {
+  const float* other = slot + threadIdx.x % 32;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float m_other = other[(HEAD_DIM / 2 + h) * 32];
+    const float d_other = other[(HEAD_DIM / 2 + 2 + h) * 32];
+    const float m_new = fmaxf(st.m[h], m_other);
+    const float m_ref = m_new == NEG_INF ? 0.f : m_new;
+    const float mine_scale = exp2f(st.m[h] - m_ref), other_scale = exp2f(m_other - m_ref);
+    st.m[h] = m_new;
+    st.d[h] = st.d[h] * mine_scale + d_other * other_scale;
+#pragma unroll
+    for (int n = 0; n < HEAD_DIM / 8; ++n) {
+      st.o[n][2 * h] = st.o[n][2 * h] * mine_scale + other[(n * 4 + 2 * h) * 32] * other_scale;
+      st.o[n][2 * h + 1] =
+          st.o[n][2 * h + 1] * mine_scale + other[(n * 4 + 2 * h + 1) * 32] * other_scale;
+    }
+  }
+}
+
 // Normalise the two rows a thread holds (g and g + 8 of the 16 from row0, denominators summed)
 // and write them: to out and lse, or as the fp32 partial states of a split-KV item. Rows past
 // the item's valid rows are padding; a row that saw no key gives 0 and lse -inf.

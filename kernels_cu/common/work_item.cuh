@@ -59,18 +59,27 @@ __device__ __forceinline__ bool load_work_item(const Params& p, int head_blocks,
 }
 
 // Persistent grids: a CTA runs works x = blockIdx.x, blockIdx.x + gridDim.x, ... below
-// num_works = items * head_blocks (the plan's items, read on the device), head-major: work x is
-// item x % items of head block x / items, so the CTAs running at once share a few heads' keys.
+// num_works = items * head_blocks (the plan's items, read on the device), in either order:
+// head-major (work x is item x % items of head block x / items: the CTAs running at once share
+// a few heads' keys, which prefill query tiles read again and again) or item-major (item
+// x / head_blocks, head block x % head_blocks: decode reads each key once, and an NHD page's
+// heads, adjacent in memory, are then read at about the same time).
 template <typename Params>
 __device__ __forceinline__ int num_works(const Params& p, int head_blocks) {
   return *p.num_items * head_blocks;
 }
 template <int ROWS, typename Params>
-__device__ __forceinline__ WorkItem work_item_at(const Params& p, int x) {
-  const int items = *p.num_items;
+__device__ __forceinline__ WorkItem work_item_at(const Params& p, int x, bool head_major = true) {
   WorkItem w;
-  w.item = x % items;
-  w.head_block = x / items;
+  if (head_major) {
+    const int items = *p.num_items;
+    w.item = x % items;
+    w.head_block = x / items;
+  } else {
+    const int head_blocks = p.num_qo_heads / p.group_size;
+    w.item = x / head_blocks;
+    w.head_block = x % head_blocks;
+  }
   read_work_item<ROWS>(p, w);
   return w;
 }
