@@ -91,8 +91,9 @@ _HOPPER: dict = {}
 
 
 def hopper_path() -> bool:
-    """Whether prefill tiles run the sm_90a (wgmma) kernel: on compute capability 9.0, unless
-    ``CPATTN_ARCH_PATH=sm80`` forces the mma.sync kernels that run on any GPU from Ampere on."""
+    """Whether tiles run the sm_90a kernels (wgmma prefill, warp-specialised decode): on compute
+    capability 9.0, unless ``CPATTN_ARCH_PATH=sm80`` forces the mma.sync kernels that run on any
+    GPU from Ampere on."""
     if os.environ.get("CPATTN_ARCH_PATH", "").lower() == "sm80":
         return False
     try:
@@ -107,11 +108,12 @@ def hopper_path() -> bool:
 
 def choose_tiles(head_dim: int, group: int, max_qo_len: int):
     """Decode tiles when one CTA's 16 rows hold a request's whole (query, head) block; else the
-    prefill tiles, Hopper's on compute capability 9.0 (``hopper_path``)."""
-    decode = _tiles.DECODE[head_dim]
+    prefill tiles; Hopper's of either on compute capability 9.0 (``hopper_path``)."""
+    hopper = hopper_path()
+    decode = (_tiles.DECODE_SM90 if hopper else _tiles.DECODE)[head_dim]
     if max_qo_len * group <= decode.rows:
         return decode
-    prefill = (_tiles.PREFILL_SM90 if hopper_path() else _tiles.PREFILL)[head_dim]
+    prefill = (_tiles.PREFILL_SM90 if hopper else _tiles.PREFILL)[head_dim]
     if group > prefill.rows:
         raise NotImplementedError(f"GQA group size {group} (num_qo_heads / num_kv_heads) is "
                                   f"over the {prefill.rows} rows of a CTA")
@@ -158,7 +160,7 @@ def num_sms() -> int:
 def ctas_per_sm(cfg, head_dim: int) -> int:
     """CTAs of these tiles resident on one SM: decode tiles are capped by shared memory (up to
     4), prefill tiles by their 255 registers a thread (2), Hopper's by their launch bounds (1)."""
-    if isinstance(cfg, _tiles.HopperTileConfig):
+    if isinstance(cfg, _tiles.PERSISTENT):
         return cfg.ctas
     by_smem = max(1, _SMEM_PER_SM // cfg.smem_bytes(head_dim))
     return min(4, by_smem) if cfg.warps_kv > 1 else min(2, by_smem)
@@ -467,11 +469,12 @@ class Launcher:
         self.num_kv_heads = num_kv_heads
         # Persistent kernels loop over the works (item, kv head), any grid; the others take one
         # from blockIdx.x (work_item.cuh).
-        hopper = isinstance(cfg, _tiles.HopperTileConfig)
+        hopper = isinstance(cfg, _tiles.PERSISTENT)
         self._most_ctas = num_sms() * cfg.ctas if hopper else None
         # Hopper: K / V tensor maps for its bulk copies (encoded at run(), _encode_maps).
         self.maps = np.zeros((), _tma.KV_MAPS_DTYPE) if hopper else None
         self._maps_of = None  # (pointers, shapes, strides) the maps were encoded for
+        self._maps_kept = {}  # such keys -> their maps (_encode_maps)
         self._box_rows, self.head_dim = cfg.tile, head_dim
         self.launch = DirectLaunch(_attention_kernel(cfg, dtype, head_dim),
                                    self._grid(grid_items), (cfg.threads,),
@@ -497,10 +500,25 @@ class Launcher:
 
     def _encode_maps(self, k, v) -> None:
         """Tensor maps of K and V (``_tma.row_boxes``), re-encoded when an array changes;
-        disabled (the kernel copies by cp.async) when the layout does not suit them."""
+        disabled (the kernel copies by cp.async) when the layout does not suit them. The maps
+        of the last ``MAPS_KEPT`` pairs of arrays are kept: a serving loop runs each layer on its
+        own pools, and encoding two maps costs more host time than the rest of a run()."""
         seen = (k.data.ptr, v.data.ptr, k.shape, v.shape, k.strides, v.strides)
         if seen == self._maps_of:
             return
+        kept = self._maps_kept.get(seen)
+        if kept is None:
+            self._encode_maps_now(k, v)
+            if len(self._maps_kept) >= self.MAPS_KEPT:
+                self._maps_kept.clear()
+            self._maps_kept[seen] = self.maps.copy()
+        else:
+            self.maps[...] = kept
+        self._maps_of = seen
+
+    MAPS_KEPT = 1024  #: pairs of arrays whose maps a launcher keeps (384 bytes each)
+
+    def _encode_maps_now(self, k, v) -> None:
         strides = [kv_strides(x, self.kv_layout, self.paged) for x in (k, v)]
         boxes = [_tma.row_boxes(x.shape, strides, self.kv_layout, self.paged, self.head_dim,
                                 self._box_rows) for x in (k, v)]  # K and V: their own rows
@@ -514,7 +532,6 @@ class Launcher:
             except RuntimeError:  # a layout the driver's limits reject: copy by cp.async
                 enabled = False
         self.maps["enabled"] = int(enabled)
-        self._maps_of = seen
 
     def _grid(self, grid_items: int) -> tuple[int, int, int]:
         ctas = grid_items * self.num_kv_heads

@@ -31,6 +31,8 @@ VARIANTS: dict[str, list[tuple[str, ...]]] = {
     "batch_attention": _tiles.attention_variants(),
     # batch_attention_sm90_kernel<T, HEAD_DIM, WARPGROUPS, TILE, STAGES, CTAS>: _tiles.py (sm_90a).
     "batch_attention_sm90": _tiles.hopper_variants(),
+    # batch_decode_sm90_kernel<T, HEAD_DIM, TILE, STAGES, CTAS>: _tiles.py (sm_90a).
+    "batch_decode_sm90": _tiles.hopper_decode_variants(),
     # mla_attention_kernel<T, M_TILES, WARPS, TILE, STAGES>: _tiles.py.
     "mla_attention": _tiles.mla_variants(),
     # mla_attention_sm90_kernel<T, TILE, STAGES>: _tiles.py (sm_90a).
@@ -41,7 +43,8 @@ VARIANTS: dict[str, list[tuple[str, ...]]] = {
 
 #: Ops built for some targets only (their instructions exist nowhere else); all others build
 #: for every target from sm_80 on.
-TARGETS = {"batch_attention_sm90": ("sm_90a",), "mla_attention_sm90": ("sm_90a",)}
+TARGETS = {"batch_attention_sm90": ("sm_90a",), "batch_decode_sm90": ("sm_90a",),
+           "mla_attention_sm90": ("sm_90a",)}
 
 
 def builds_for(op: str, arch: str) -> bool:

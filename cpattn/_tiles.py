@@ -103,8 +103,55 @@ PREFILL_SM90 = {64: HopperTileConfig(2, 128, 4), 128: HopperTileConfig(2, 128, 2
                 256: HopperTileConfig(1, 64, 2)}
 
 
+@dataclass(frozen=True)
+class HopperDecodeTileConfig:
+    """``batch_decode_sm90_kernel<T, HEAD_DIM, TILE, STAGES, CTAS>`` (sm_90a, warp specialised,
+    persistent, ``ctas`` CTAs an SM): the decode tiles' 16 packed rows, the producer warpgroup of the
+    Hopper prefill kernel streaming keys ``TILE`` at a time through ``STAGES`` buffers, one
+    consumer warpgroup whose 4 warps split each tile's keys (mma.sync) and merge their states at
+    the end of a work. Same planning interface as TileConfig."""
+    tile: int
+    stages: int
+    ctas: int = 1  #: CTAs resident per SM the registers are capped for (launch bounds)
+    op = "batch_decode_sm90"
+    rows = 16
+    threads = 256
+    warps_kv = 4
+
+    @property
+    def launch_registers(self) -> int:
+        """mbarrier.cuh launch_registers<1, CTAS>(): 65536 / CTAS / 256, a multiple of 8, at
+        most 248."""
+        return min(248, 65536 // self.ctas // self.threads // 8 * 8)
+
+    def smem_bytes(self, head_dim: int) -> int:
+        """The pipeline of HopperTileConfig.smem_bytes (16 rows) + the states warps 1..3
+        publish at the end of a work (``head_dim / 2 + 4`` floats a thread)."""
+        row = head_dim * 2
+        pipeline = (2 * self.rows * row + 2 * self.stages * self.tile * row
+                    + 8 * (2 * self.stages + 4) + 2 * WORK_SLOT_BYTES)
+        return pipeline + (self.warps_kv - 1) * (head_dim // 2 + 4) * 32 * 4
+
+    def targs(self, ctype: str, head_dim: int) -> tuple[str, ...]:
+        return (ctype, str(head_dim), str(self.tile), str(self.stages), str(self.ctas))
+
+
+#: Hopper decode: 64-key tiles; two CTAs an SM where two fit (H200, 32/8 heads, hd128: two CTAs
+#: of 2 stages 4075-4154 GB/s at B64 L4096 / B256 L1024 against 3843-4018 for one CTA of 5: an
+#: SM's other CTA computes while one folds its warps' states at the end of a work).
+DECODE_SM90 = {64: HopperDecodeTileConfig(64, 4, 2), 128: HopperDecodeTileConfig(64, 2, 2),
+               256: HopperDecodeTileConfig(64, 2, 1)}
+
+#: Tiles of the persistent kernels: a grid of at most ``ctas`` CTAs an SM, each looping over works.
+PERSISTENT = (HopperTileConfig, HopperDecodeTileConfig)
+
+
 def hopper_variants() -> list[tuple[str, ...]]:
     return [PREFILL_SM90[d].targs(t, d) for t in ATTENTION_CTYPES for d in HEAD_DIMS]
+
+
+def hopper_decode_variants() -> list[tuple[str, ...]]:
+    return [DECODE_SM90[d].targs(t, d) for t in ATTENTION_CTYPES for d in HEAD_DIMS]
 
 
 def attention_variants() -> list[tuple[str, ...]]:

@@ -1,7 +1,7 @@
-"""On Hopper, the wgmma prefill kernel and the mma.sync one (CPATTN_ARCH_PATH=sm80), both against
-the reference on the same inputs: every mask mode, head_dim, dtype, ragged and paged keys (page
-sizes 1, 5 and 16, NaN in every unowned slot), and split-KV. Elsewhere only the mma.sync path
-exists and the whole GPU suite covers it."""
+"""On Hopper, the sm_90a kernels (wgmma prefill, warp-specialised decode) and the mma.sync ones
+(CPATTN_ARCH_PATH=sm80), both against the reference on the same inputs: every mask mode, head_dim,
+dtype, ragged and paged keys (page sizes 1, 5 and 16, NaN in every unowned slot), decode, and
+split-KV. Elsewhere only the mma.sync path exists and the whole GPU suite covers it."""
 import numpy as np
 import pytest
 
@@ -28,7 +28,7 @@ def _hopper_only():
 
 @pytest.fixture
 def arch_path(request, monkeypatch):
-    """Select the path; check that plan() took it (the op of the prefill tiles it chose)."""
+    """Select the path; check that plan() took it (the ops of the tiles it chose)."""
     if request.param == "sm80":
         monkeypatch.setenv("CPATTN_ARCH_PATH", "sm80")
     else:
@@ -43,8 +43,9 @@ def arch_path(request, monkeypatch):
 
     monkeypatch.setattr(_core, "choose_tiles", spy)
     yield chosen
-    expected = "batch_attention_sm90" if request.param == "sm90" else "batch_attention"
-    assert chosen and set(chosen) == {expected}, chosen
+    expected = ({"batch_attention_sm90", "batch_decode_sm90"} if request.param == "sm90"
+                else {"batch_attention"})
+    assert chosen and set(chosen) <= expected, chosen
 
 
 @pytest.mark.parametrize("arch_path", PATHS, indirect=True)
@@ -105,5 +106,30 @@ def test_split_kv_on_both_paths(arch_path):
                  causal=True)
     out, lse = wrapper.run(cupy.asarray(q), (cupy.asarray(k), cupy.asarray(v)), return_lse=True)
     assert wrapper._plan["launch"].merge is not None  # the split path ran
+    assert_close(cupy.asnumpy(out), ref_o, A.FLOAT16, "out")
+    assert_close(cupy.asnumpy(lse), ref_lse, A.FLOAT32, "lse")
+
+
+@pytest.mark.parametrize("arch_path", PATHS, indirect=True)
+@pytest.mark.parametrize("head_dim", (64, 128, 256))
+@pytest.mark.parametrize("page_size, layout", ((1, "NHD"), (5, "HND"), (8, "NHD"), (16, "NHD"),
+                                               (64, "NHD")))
+def test_decode_on_both_paths(arch_path, head_dim, page_size, layout):
+    """Decode tiles (one query, the GQA group's heads as rows): TMA pages (8, 16, 64), cp.async
+    ones (1, 5 and HND), keys ending anywhere in a tile, an empty request, split and unsplit."""
+    import cupy
+    rng = np.random.default_rng([head_dim, page_size])
+    lens = [0, 1, 15, 17, 63, 64, 65, 200, 1000, 4097]
+    k, v, kv_indptr, kv_indices, kv_lens = paged_batch(rng, lens, page_size, 2, head_dim,
+                                                       A.FLOAT16, layout)
+    q = rng.standard_normal((len(lens), 8, head_dim)).astype(A.FLOAT16)
+    ref_o, ref_lse = reference.paged_decode(q, k, v, kv_indptr, kv_indices, kv_lens=kv_lens,
+                                            kv_layout=layout)
+    wrapper = cpattn.BatchDecode()
+    wrapper.plan(kv_indptr, kv_indices, None, 8, 2, head_dim, page_size, kv_lens=kv_lens,
+                 kv_layout=layout)
+    assert arch_path == ["batch_decode_sm90" if _core.hopper_path() else "batch_attention"]
+    poison_pool(q.nbytes, len(lens) * 8 * 4)
+    out, lse = wrapper.run(cupy.asarray(q), (cupy.asarray(k), cupy.asarray(v)), return_lse=True)
     assert_close(cupy.asnumpy(out), ref_o, A.FLOAT16, "out")
     assert_close(cupy.asnumpy(lse), ref_lse, A.FLOAT32, "lse")

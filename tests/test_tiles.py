@@ -5,6 +5,7 @@ import pytest
 from cpattn import _core, _tiles
 
 SMEM_PER_BLOCK = 227 * 1024  # the opt-in limit of an H100 / H200 block
+SMEM_PER_SM = 228 * 1024 - 2 * 1024  # an SM's, less the 1 KB the driver reserves a CTA (two)
 
 
 @pytest.mark.parametrize("head_dim", _tiles.HEAD_DIMS)
@@ -18,6 +19,33 @@ def test_hopper_tiles_match_the_mma_sync_rows_and_fit(head_dim):
     assert hopper.rows * head_dim * 2 % 1024 == 0 and hopper.tile * head_dim * 2 % 1024 == 0
     assert hopper.op == "batch_attention_sm90" and ampere.op == "batch_attention"
     assert hopper.targs("half", head_dim) in _tiles.hopper_variants()
+
+
+@pytest.mark.parametrize("head_dim", _tiles.HEAD_DIMS)
+def test_hopper_decode_tiles_match_the_mma_sync_rows_and_fit(head_dim):
+    hopper, ampere = _tiles.DECODE_SM90[head_dim], _tiles.DECODE[head_dim]
+    assert hopper.rows == ampere.rows == 16  # the same plans on both paths
+    assert hopper.threads == 256 and hopper.tile % (16 * hopper.warps_kv) == 0
+    # Its CTAs fit an SM together, in shared memory and in registers.
+    assert hopper.ctas * hopper.smem_bytes(head_dim) <= SMEM_PER_SM
+    assert hopper.ctas * hopper.threads * hopper.launch_registers <= 65536
+    assert hopper.launch_registers % 8 == 0
+    # The Q buffers and every K / V stage keep the 1024-byte alignment of the swizzled tiles.
+    assert 2 * hopper.rows * head_dim * 2 % 1024 == 0 and hopper.tile * head_dim * 2 % 1024 == 0
+    assert _core.ctas_per_sm(hopper, head_dim) == hopper.ctas
+    assert hopper.targs("half", head_dim) in _tiles.hopper_decode_variants()
+
+
+def test_hopper_path_takes_the_hopper_decode_tiles(monkeypatch):
+    monkeypatch.setattr(_core, "hopper_path", lambda: True)
+    assert _core.choose_tiles(128, 4, 1) == _tiles.DECODE_SM90[128]
+    assert _core.choose_tiles(128, 4, 4) == _tiles.DECODE_SM90[128]  # 4 queries x 4 heads
+    assert _core.choose_tiles(128, 4, 5) == _tiles.PREFILL_SM90[128]
+
+
+def test_hopper_decode_registers_follow_its_ctas():
+    assert _tiles.HopperDecodeTileConfig(64, 5, 1).launch_registers == 248
+    assert _tiles.HopperDecodeTileConfig(64, 2, 2).launch_registers == 128
 
 
 def test_hopper_ctas_per_sm_are_its_launch_bounds():
@@ -93,9 +121,10 @@ class _FakeArray:
 
 def _launcher_stub(paged):
     from cpattn import _tma
-    stub = type("Stub", (), {})()
+    stub = object.__new__(_core.Launcher)  # no kernel, no launch: the map fields only
     stub.maps = np.zeros((), _tma.KV_MAPS_DTYPE)
     stub.kv_layout, stub.paged, stub.head_dim, stub._box_rows, stub._maps_of = "NHD", paged, 128, 128, None
+    stub._maps_kept = {}
     return stub
 
 
@@ -110,6 +139,26 @@ def test_tma_maps_encode_k_and_v_by_their_own_rows(monkeypatch):
     assert calls == [(1 << 20, 640, 8, 128, 1024, 128, 16), (1 << 30, 800, 8, 128, 1024, 128, 16)]
     _core.Launcher._encode_maps(stub, k, v)  # same arrays: not encoded again
     assert len(calls) == 2
+
+
+def test_tma_maps_of_arrays_seen_before_are_not_encoded_again(monkeypatch):
+    """A serving loop runs each layer on its own pools: their maps are kept, not re-encoded."""
+    from cpattn import _tma
+    calls = []
+
+    def encode(out, ptr, *args):
+        calls.append(ptr)
+        out[:] = ptr  # a map that names its array
+
+    monkeypatch.setattr(_tma, "encode_rows", encode)
+    stub = _launcher_stub(paged=True)
+    layers = [(_FakeArray((40, 16, 8, 128), (2 * i + 1) << 20),
+               _FakeArray((40, 16, 8, 128), (2 * i + 2) << 20)) for i in range(3)]
+    for _ in range(4):
+        for k, v in layers:
+            _core.Launcher._encode_maps(stub, k, v)
+            assert int(stub.maps["k"][0]) == k.data.ptr and int(stub.maps["v"][0]) == v.data.ptr
+    assert len(calls) == 6  # each layer's two maps, once
 
 
 def test_tma_maps_fall_back_to_cp_async(monkeypatch):
