@@ -135,20 +135,16 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
   int tile = 0;
   for (int x = blockIdx.x, n = 0; x < works; x += gridDim.x, ++n) {
     const int qb = n % 2;
-    mbarrier_wait(&pipe.q_full[qb], (n / 2) & 1);
-    const Work<ROWS, TILE> work = pipe.work_slots[qb];  // a copy: the slot is refilled two works on
+    const Work<ROWS, TILE> work = pipe.wait_work(n);
     const WorkItem& w = work.w;
     const KeyTiles<TILE>& tiles = work.tiles;
     // This warpgroup's 64 rows of each 64-dim block of Q (8 rows of 128 bytes = 1024 apart).
     const uint4* q_rows = q_tiles + qb * ROWS * CHUNKS + (warpgroup - 1) * 64 * 8;
     RowsState<HEAD_DIM> st;
     init_rows(st);
-    // Whether the work's tiles come by TMA (each starts where the first does within a page).
-    const bool tiles_by_tma = by_tma_tile(maps, p.kv_indices != nullptr, tiles.kv_begin,
-                                          p.page_size - 1);
+    const bool tiles_by_tma = work_by_tma(maps, p, tiles);
     for (int t = 0; t < tiles.num_tiles; ++t, ++tile) {
-      const int stage = tile % STAGES;
-      mbarrier_wait(&pipe.full[stage], (tile / STAGES) & 1);
+      const int stage = pipe.wait_tile(tile);
       fence_proxy_async();  // the producer's cp.async writes, next read by wgmma (async proxy)
       const int mask_class = tiles.mask_class(p, t);
       const int first = tiles.kv_begin + t * TILE;

@@ -65,8 +65,7 @@ batch_decode_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTens
   int tile = 0;
   for (int x = blockIdx.x, n = 0; x < works; x += gridDim.x, ++n) {
     const int qb = n % 2;
-    mbarrier_wait(&pipe.q_full[qb], (n / 2) & 1);
-    const Work<ROWS, TILE> work = pipe.work_slots[qb];  // a copy: the slot is refilled two works on
+    const Work<ROWS, TILE> work = pipe.wait_work(n);
     const WorkItem& w = work.w;
     const KeyTiles<TILE>& tiles = work.tiles;
     // Q's A fragments for the whole work: the buffer goes back to the producer at once.
@@ -80,13 +79,10 @@ batch_decode_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTens
 
     RowsState<HEAD_DIM> st;
     init_rows(st);
-    // Whether the work's tiles come by TMA (each starts where the first does within a page).
-    const bool tiles_by_tma = by_tma_tile(maps, p.kv_indices != nullptr, tiles.kv_begin,
-                                          p.page_size - 1);
+    const bool tiles_by_tma = work_by_tma(maps, p, tiles);
     for (int t = 0; t < tiles.num_tiles; ++t, ++tile) {
-      const int stage = tile % STAGES;
       const int first_key = tiles.kv_begin + t * TILE + warp_key0;  // ... within the request
-      mbarrier_wait(&pipe.full[stage], (tile / STAGES) & 1);
+      const int stage = pipe.wait_tile(tile);
       const int mask_class = tiles.mask_class(p, t);
       // Warp-uniform: a warp whose keys are all past the end has nothing to add.
       if (mask_class != 0 && first_key < w.kv_end) {

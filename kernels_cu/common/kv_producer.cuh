@@ -45,6 +45,13 @@ __device__ __forceinline__ bool by_tma_tile(const KVTensorMaps& maps, bool paged
   return maps.enabled && (!paged || (first & page_mask) == 0);
 }
 
+// Whether a work's tiles come by TMA: each starts where its first does within a page.
+template <int TILE>
+__device__ __forceinline__ bool work_by_tma(const KVTensorMaps& maps, const AttentionParams& p,
+                                            const KeyTiles<TILE>& tiles) {
+  return by_tma_tile(maps, p.kv_indices != nullptr, tiles.kv_begin, p.page_size - 1);
+}
+
 // Rows [from, TILE) of a tile in SwizzledBlocks (CHUNKS / 8 blocks of TILE rows x 128 bytes)
 // set to zero by THREADS threads (this one is `thread`): each chunk of the tile is one thread's
 // (a fixed count each), written when its row is past `from`. Whole rows, so the swizzle is moot.
@@ -108,6 +115,18 @@ struct Pipeline {
       mbarrier_init(&q_empty[b], consumer_warps);
     }
     mbarrier_init_fence();
+  }
+
+  // Consumers: work n of this CTA, once its Q buffer (n % 2) and work slot are filled.
+  __device__ __forceinline__ Work<ROWS, TILE> wait_work(int n) const {
+    mbarrier_wait(&q_full[n % 2], (n / 2) & 1);
+    return work_slots[n % 2];  // a copy: the slot is refilled two works on
+  }
+  // Consumers: the stage of the CTA's tile-th tile (counted across works), once it landed.
+  __device__ __forceinline__ int wait_tile(int tile) const {
+    const int stage = tile % STAGES;
+    mbarrier_wait(&full[stage], (tile / STAGES) & 1);
+    return stage;
   }
 
   __device__ __forceinline__ const uint4* k_stage(int stage) const {
