@@ -62,14 +62,15 @@ def test_unregistered_variant_is_refused():
         _kernels.source("nope")
 
 
-def test_hopper_kernel_builds_for_sm90a_only():
-    assert _kernels.builds_for("batch_attention_sm90", "sm_90a")
-    assert not _kernels.builds_for("batch_attention_sm90", "sm_80")
-    assert not _kernels.builds_for("batch_attention_sm90", "sm_90")
+@pytest.mark.parametrize("op", ("batch_attention_sm90", "batch_decode_sm90", "mla_attention_sm90"))
+def test_hopper_kernel_builds_for_sm90a_only(op):
+    assert _kernels.builds_for(op, "sm_90a")
+    assert not _kernels.builds_for(op, "sm_80")
+    assert not _kernels.builds_for(op, "sm_90")
     assert _kernels.builds_for("batch_attention", "sm_80")
-    targs = _kernels.VARIANTS["batch_attention_sm90"][0]
+    targs = _kernels.VARIANTS[op][0]
     with pytest.raises(_kernels.KernelError, match="builds for sm_90a only, not sm_80"):
-        _kernels.compile_offline("batch_attention_sm90", targs, "sm_80")
+        _kernels.compile_offline(op, targs, "sm_80")
 
 
 def test_bad_arch_spelling():
