@@ -38,6 +38,9 @@ class BatchDecode:
     ``(k_pages, v_pages)`` of pools ``[num_pages, page_size, num_kv_heads, head_dim]`` (NHD) or
     ``[num_pages, num_kv_heads, page_size, head_dim]`` (HND); it returns out
     ``[batch, num_qo_heads, head_dim]`` (and lse ``[batch, num_qo_heads]`` float32).
+
+    A wrapper's runs must be ordered (one stream, or streams ordered by events): split plans
+    share its partial-state buffers.
     """
 
     def __init__(self, *, use_cuda_graph=False, max_batch_size=None, max_num_pages=None,
