@@ -469,10 +469,10 @@ class Launcher:
         self.num_kv_heads = num_kv_heads
         # Persistent kernels loop over the works (item, kv head), any grid; the others take one
         # from blockIdx.x (work_item.cuh).
-        hopper = isinstance(cfg, _tiles.PERSISTENT)
-        self._most_ctas = num_sms() * cfg.ctas if hopper else None
+        persistent = isinstance(cfg, _tiles.PERSISTENT)  # the sm_90a kernels
+        self._most_ctas = num_sms() * cfg.ctas if persistent else None
         # Hopper: K / V tensor maps for its bulk copies (encoded at run(), _encode_maps).
-        self.maps = np.zeros((), _tma.KV_MAPS_DTYPE) if hopper else None
+        self.maps = np.zeros((), _tma.KV_MAPS_DTYPE) if persistent else None
         self._maps_of = None  # (pointers, shapes, strides) the maps were encoded for
         self._maps_kept = {}  # such keys -> their maps (_encode_maps)
         self._box_rows, self.head_dim = cfg.tile, head_dim

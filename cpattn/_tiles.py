@@ -53,7 +53,16 @@ DECODE = {64: TileConfig(1, 1, 4, 64, 2), 128: TileConfig(1, 1, 4, 64, 2),
           256: TileConfig(1, 1, 4, 64, 2)}
 
 
-WORK_SLOT_BYTES = 64  #: a work handed to the consumers (batch_attention_sm90.cu)
+WORK_SLOT_BYTES = 64  #: a work handed to the consumers (kv_producer.cuh)
+
+
+def pipeline_smem_bytes(rows: int, tile: int, stages: int, head_dim: int) -> int:
+    """The shared memory of the sm_90a kernels' producer pipeline (kv_producer.cuh Pipeline):
+    two buffers of Q rows + K/V stages (each a multiple of 1024 bytes: the tiles stay aligned) +
+    the full and empty barriers of the stages and of the Q buffers (8 bytes each) + the works of
+    the two Q buffers."""
+    row = head_dim * 2
+    return 2 * rows * row + 2 * stages * tile * row + 8 * (2 * stages + 4) + 2 * WORK_SLOT_BYTES
 
 
 @dataclass(frozen=True)
@@ -85,12 +94,8 @@ class HopperTileConfig:
         return min(248, 65536 // self.threads // 8 * 8)
 
     def smem_bytes(self, head_dim: int) -> int:
-        """Two buffers of Q rows + K/V stages (each a multiple of 1024 bytes: the tiles stay
-        aligned) + the full and empty barriers of the stages and of the Q buffers (8 bytes each)
-        + the works of the two Q buffers."""
-        row = head_dim * 2
-        return (2 * self.rows * row + 2 * self.stages * self.tile * row
-                + 8 * (2 * self.stages + 4) + 2 * WORK_SLOT_BYTES)
+        """The producer pipeline (``pipeline_smem_bytes``)."""
+        return pipeline_smem_bytes(self.rows, self.tile, self.stages, head_dim)
 
     def targs(self, ctype: str, head_dim: int) -> tuple[str, ...]:
         return (ctype, str(head_dim), str(self.warpgroups), str(self.tile), str(self.stages),
@@ -106,8 +111,8 @@ PREFILL_SM90 = {64: HopperTileConfig(2, 128, 4), 128: HopperTileConfig(2, 128, 2
 @dataclass(frozen=True)
 class HopperDecodeTileConfig:
     """``batch_decode_sm90_kernel<T, HEAD_DIM, TILE, STAGES, CTAS>`` (sm_90a, warp specialised,
-    persistent, ``ctas`` CTAs an SM): the decode tiles' 16 packed rows, the producer warpgroup of the
-    Hopper prefill kernel streaming keys ``TILE`` at a time through ``STAGES`` buffers, one
+    persistent, ``ctas`` CTAs an SM): the decode tiles' 16 packed rows, the producer warpgroup of
+    the Hopper prefill kernel streaming keys ``TILE`` at a time through ``STAGES`` buffers, one
     consumer warpgroup whose 4 warps split each tile's keys (mma.sync) and merge their states at
     the end of a work. Same planning interface as TileConfig."""
     tile: int
@@ -125,12 +130,10 @@ class HopperDecodeTileConfig:
         return min(248, 65536 // self.ctas // self.threads // 8 * 8)
 
     def smem_bytes(self, head_dim: int) -> int:
-        """The pipeline of HopperTileConfig.smem_bytes (16 rows) + the states warps 1..3
-        publish at the end of a work (``head_dim / 2 + 4`` floats a thread)."""
-        row = head_dim * 2
-        pipeline = (2 * self.rows * row + 2 * self.stages * self.tile * row
-                    + 8 * (2 * self.stages + 4) + 2 * WORK_SLOT_BYTES)
-        return pipeline + (self.warps_kv - 1) * (head_dim // 2 + 4) * 32 * 4
+        """The pipeline (``pipeline_smem_bytes``) + the states warps 1..3 publish at the end of
+        a work (``head_dim / 2 + 4`` floats a thread)."""
+        return (pipeline_smem_bytes(self.rows, self.tile, self.stages, head_dim)
+                + (self.warps_kv - 1) * (head_dim // 2 + 4) * 32 * 4)
 
     def targs(self, ctype: str, head_dim: int) -> tuple[str, ...]:
         return (ctype, str(head_dim), str(self.tile), str(self.stages), str(self.ctas))

@@ -6,10 +6,11 @@
 // Block: 1 + WARPGROUPS warpgroups. Warpgroup 0 is the producer (common/kv_producer.cuh), with
 // few registers: it copies each work's Q rows (two buffers, the next work's while this one's are
 // read) and its K / V tiles (TMA for whole tiles, cp.async otherwise, in wgmma's swizzled layout)
-// into shared memory, STAGES tiles ahead across works. Warpgroups 1.. are consumers, each with 64 of the CTA's ROWS =
-// 64 * WARPGROUPS packed (query, head) rows (as in batch_attention: row r is query q_start + r /
-// group, head kv_head * group + r % group); warp i of them holds rows [16 i, 16 i + 16), so each
-// thread's S and O registers are mma.sync C fragments and tile_softmax.cuh serves both kernels.
+// into shared memory, STAGES tiles ahead across works. Warpgroups 1.. are consumers, each with
+// 64 of the CTA's ROWS = 64 * WARPGROUPS packed (query, head) rows (as in batch_attention: row
+// r is query q_start + r / group, head kv_head * group + r % group); warp i of them holds rows
+// [16 i, 16 i + 16), so each thread's S and O registers are mma.sync C fragments and
+// tile_softmax.cuh serves both kernels.
 // Per tile of TILE keys, each consumer warpgroup on its own (no CTA-wide barrier: one warpgroup's
 // softmax overlaps the other's matrix products):
 //   wait "full"; S [64 x TILE] = Q K^T: HEAD_DIM / 16 wgmma, Q and K from shared memory;
@@ -87,9 +88,6 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
 
   extern __shared__ __align__(1024) uint4 smem[];
   const Pipeline<ROWS, TILE, STAGES, CHUNKS> pipe(smem);  // kv_producer.cuh
-  uint4* const q_tiles = pipe.q_tiles;
-  uint4* const k_tiles = pipe.k_tiles;
-  uint4* const v_tiles = pipe.v_tiles;
   if (threadIdx.x == 0) pipe.init(4 * WARPGROUPS);  // every consumer warp arrives on "empty"
   __syncthreads();
 
@@ -110,12 +108,12 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
   // S = Q K^T of the tile in `stage` into s, Q from q_rows.
   auto scores = [&](const uint4* q_rows, int stage, float (&s)[TILE / 8][4]) {
     kmajor_scores<T, TILE, HEAD_DIM, ROWS, TILE>(s, smem_desc(q_rows, 16, 1024),
-                                                 smem_desc(k_tiles + stage * TILE * CHUNKS, 16, 1024));
+                                                 smem_desc(pipe.k_stage(stage), 16, 1024));
   };
   // O += P V of the tile in `stage`, P in s: keys [16 kt, 16 kt + 16) are 16 rows (2048 bytes)
   // into V's blocks; one wgmma covers PV_N output dims, PV_N / 64 blocks of TILE * 128 bytes.
   auto values = [&](int stage, const float (&s)[TILE / 8][4], RowsState<HEAD_DIM>& st) {
-    const unsigned long long v_desc = smem_desc(v_tiles + stage * TILE * CHUNKS, TILE * 128, 1024);
+    const unsigned long long v_desc = smem_desc(pipe.v_stage(stage), TILE * 128, 1024);
     wgmma_fence();
 #pragma unroll
     for (int kt = 0; kt < TILE / 16; ++kt) {
@@ -139,7 +137,7 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
     const WorkItem& w = work.w;
     const KeyTiles<TILE>& tiles = work.tiles;
     // This warpgroup's 64 rows of each 64-dim block of Q (8 rows of 128 bytes = 1024 apart).
-    const uint4* q_rows = q_tiles + qb * ROWS * CHUNKS + (warpgroup - 1) * 64 * 8;
+    const uint4* q_rows = pipe.q_buffer(qb) + (warpgroup - 1) * 64 * 8;
     RowsState<HEAD_DIM> st;
     init_rows(st);
     const bool tiles_by_tma = work_by_tma(maps, p, tiles);
@@ -152,7 +150,7 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
         if (first + TILE > w.kv_end && tiles_by_tma) {
           // The copy brought rows past the keys (another request's, or a page's unused slots):
           // V's are zeroed (0 * NaN would reach the output), K's scores masked below.
-          zero_rows<TILE, CHUNKS, 128 * WARPGROUPS>(v_tiles + stage * TILE * CHUNKS,
+          zero_rows<TILE, CHUNKS, 128 * WARPGROUPS>(pipe.v_stage(stage),
                                                     w.kv_end - first, threadIdx.x - 128);
           fence_proxy_async();  // the zeros, next read by wgmma
           named_barrier_sync(1, 128 * WARPGROUPS);
@@ -169,7 +167,7 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
       // The rows go out through this warpgroup's rows of the work's Q buffer (its Q K^T are
       // done; the producer refills the buffer only after every warp's q_empty arrival), as
       // whole 16-byte chunks instead of 4-byte pieces.
-      uint4* staged = q_tiles + qb * ROWS * CHUNKS;
+      uint4* staged = pipe.q_buffer(qb);
       stage_rows<T, HEAD_DIM, ROWS>(staged, p, w, row0, st);
       named_barrier_sync(1 + warpgroup, 128);  // this warpgroup's rows are staged (ids 2, 3)
       write_staged_rows<T, HEAD_DIM, ROWS>(p, w, staged, (warpgroup - 1) * 64, threadIdx.x % 128);

@@ -3,11 +3,12 @@
 //
 // A CTA holds ROWS = 16 packed (query, head) rows of a work (a GQA group's heads, of one query or
 // a few: row r is query q_start + r / group, head kv_head * group + r % group) and loops over
-// works as batch_attention_sm90 does; CTAS of them share an SM (registers capped to fit). Warpgroup 0 is the producer of common/kv_producer.cuh: it
-// hands each work over in shared memory, loads its Q rows and streams its key tiles (TMA, a box a
-// page, or cp.async) STAGES deep and across the ends of works, so that the SM's copies never
-// drain between works: what a memory-bound decode needs, and what one CTA a work with its own
-// short pipeline (batch_attention's decode tiles) cannot keep up at the ends.
+// works as batch_attention_sm90 does; CTAS of them share an SM (registers capped to fit).
+// Warpgroup 0 is the producer of common/kv_producer.cuh: it hands each work over in shared
+// memory, loads its Q rows and streams its key tiles (TMA, a box a page, or cp.async) STAGES
+// deep and across the ends of works, so that the SM's copies never drain between works: what a
+// memory-bound decode needs, and what one CTA a work with its own short pipeline
+// (batch_attention's decode tiles) cannot keep up at the ends.
 // Warpgroup 1 computes with mma.sync m16n8k16, its 4 warps splitting each tile's keys (warp i:
 // keys [i * WARP_KEYS, +WARP_KEYS)), so each byte of a tile is read from shared memory once:
 //   at a work's start: Q's A fragments into registers; the Q buffer handed back at once;
@@ -70,7 +71,7 @@ batch_decode_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTens
     const KeyTiles<TILE>& tiles = work.tiles;
     // Q's A fragments for the whole work: the buffer goes back to the producer at once.
     unsigned qa[HEAD_DIM / 16][4];
-    const uint4* q_tile = pipe.q_tiles + qb * ROWS * CHUNKS;
+    const uint4* q_tile = pipe.q_buffer(qb);
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
       ldmatrix_x4(qa[kk], q_tile + QLayout::at(lane % 16, kk * 2 + lane / 16));
@@ -91,7 +92,8 @@ batch_decode_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTens
         if (first_key + WARP_KEYS > w.kv_end && tiles_by_tma) {
           // The copy brought rows past the keys (another request's, or a page's unused slots):
           // V's are zeroed (0 * NaN would reach the output), K's scores masked below.
-          zero_warp_rows<TILE, CHUNKS, WARP_KEYS>(v_tile, warp_key0, w.kv_end - (first_key - warp_key0));
+          const int tile_key0 = first_key - warp_key0;  // the tile's first key
+          zero_warp_rows<TILE, CHUNKS, WARP_KEYS>(v_tile, warp_key0, w.kv_end - tile_key0);
           __syncwarp();
         }
         // S = Q K^T for the 16 rows x this warp's keys.

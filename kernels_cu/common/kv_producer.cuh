@@ -73,7 +73,8 @@ __device__ __forceinline__ void zero_warp_rows(uint4* tile, int row0, int from) 
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int k = 0; k < KEYS * CHUNKS / 32; ++k) {
-    const int c = k * 32 + lane;  // (block, row - row0, column) = (c / (8 KEYS), c / 8 % KEYS, c % 8)
+    // Chunk c: block c / (8 KEYS), row row0 + c / 8 % KEYS, column c % 8.
+    const int c = k * 32 + lane;
     const int row = row0 + (c / 8) % KEYS;
     if (row >= from) tile[((c / 8) / KEYS * TILE + row) * 8 + c % 8] = make_uint4(0u, 0u, 0u, 0u);
   }
@@ -99,8 +100,7 @@ struct Pipeline {
     q_full = empty + STAGES;
     q_empty = q_full + 2;
     work_slots = reinterpret_cast<Work<ROWS, TILE>*>(q_empty + 2);
-    end = reinterpret_cast<unsigned char*>(smem) + 2 * ROWS * CHUNKS * 16 +
-          2 * STAGES * TILE * CHUNKS * 16 + 8 * (2 * STAGES + 4) + 2 * WORK_SLOT_BYTES;
+    end = reinterpret_cast<unsigned char*>(work_slots) + 2 * WORK_SLOT_BYTES;
     static_assert(sizeof(Work<ROWS, TILE>) <= WORK_SLOT_BYTES, "a work slot holds a Work");
   }
 
@@ -129,6 +129,7 @@ struct Pipeline {
     return stage;
   }
 
+  __device__ __forceinline__ uint4* q_buffer(int b) const { return q_tiles + b * ROWS * CHUNKS; }
   __device__ __forceinline__ const uint4* k_stage(int stage) const {
     return k_tiles + stage * TILE * CHUNKS;
   }
@@ -141,9 +142,9 @@ struct Pipeline {
 // this CTA (works in head-major order or item-major, work_item.cuh; uniform), its Q rows and its
 // key tiles, in the order the consumers read them.
 template <typename T, int HEAD_DIM, int ROWS, int TILE, int STAGES>
-__device__ __forceinline__ void produce_works(const AttentionParams& p, const KVTensorMaps& maps,
-                                              const Pipeline<ROWS, TILE, STAGES, HEAD_DIM / 8>& pipe,
-                                              int works, bool head_major) {
+__device__ __forceinline__ void produce_works(
+    const AttentionParams& p, const KVTensorMaps& maps,
+    const Pipeline<ROWS, TILE, STAGES, HEAD_DIM / 8>& pipe, int works, bool head_major) {
   constexpr int CHUNKS = HEAD_DIM / 8;
   uint4* const k_tiles = pipe.k_tiles;
   uint4* const v_tiles = pipe.v_tiles;
@@ -155,7 +156,7 @@ __device__ __forceinline__ void produce_works(const AttentionParams& p, const KV
     const KeyTiles<TILE>& tiles = work.tiles;
     const int qb = n % 2;
     mbarrier_wait(&pipe.q_empty[qb], ((n / 2) & 1) ^ 1);
-    issue_q_rows<SwizzledBlocks<ROWS>, T, ROWS, CHUNKS, 128>(p, w, pipe.q_tiles + qb * ROWS * CHUNKS);
+    issue_q_rows<SwizzledBlocks<ROWS>, T, ROWS, CHUNKS, 128>(p, w, pipe.q_buffer(qb));
     cp_async_arrive(&pipe.q_full[qb]);
     if (threadIdx.x == 0) {  // the consumers read the work here rather than from the plan
       pipe.work_slots[qb] = work;
