@@ -22,7 +22,7 @@ LOG2E = 1.4426950408889634
 _PTR_FIELDS = ("q", "k", "v", "o", "lse", "partial_o", "partial_lse", "qo_indptr", "kv_indptr",
                "kv_indices", "kv_lens", "mask", "mask_indptr", "num_items", "item_request",
                "item_q_start", "item_kv_start", "item_kv_end", "tile_class", "item_class_offset",
-               "item_state", "item_state_stride")
+               "item_state", "item_state_stride", "merge_indptr", "merge_counters")
 _STRIDE_FIELDS = ("q_stride_token", "q_stride_head", "k_stride_page", "k_stride_slot",
                   "k_stride_head", "v_stride_page", "v_stride_slot", "v_stride_head")
 _INT_FIELDS = ("num_qo_heads", "group_size", "page_size", "causal", "window_left")

@@ -131,12 +131,23 @@ class HopperDecodeTileConfig:
 
     def smem_bytes(self, head_dim: int) -> int:
         """The pipeline (``pipeline_smem_bytes``) + the states warps 1..3 publish at the end of
-        a work (``head_dim / 2 + 4`` floats a thread)."""
+        a work (``head_dim / 2 + 4`` floats a thread) + the fused merge's flag (16 bytes)."""
         return (pipeline_smem_bytes(self.rows, self.tile, self.stages, head_dim)
-                + (self.warps_kv - 1) * (head_dim // 2 + 4) * 32 * 4)
+                + (self.warps_kv - 1) * (head_dim // 2 + 4) * 32 * 4 + 16)
 
     def targs(self, ctype: str, head_dim: int) -> tuple[str, ...]:
         return (ctype, str(head_dim), str(self.tile), str(self.stages), str(self.ctas))
+
+    @staticmethod
+    def fused_merge(head_dim: int) -> bool:
+        """Whether the kernel merges a split request's states itself (its FUSED_MERGE): up to
+        head_dim 128 (at 256 the merge's registers would spill in the tile loop)."""
+        return head_dim <= 128
+
+
+#: A split decode request's states are merged in the attention kernel (by its last chunk's four
+#: warps) up to this many chunks; beyond, by the merge_state kernel's many CTAs.
+FUSED_MERGE_MOST_CHUNKS = 32
 
 
 #: Hopper decode: 64-key tiles; two CTAs an SM where two fit (H200, 32/8 heads, hd128: two CTAs

@@ -13,9 +13,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _arrays as A
-from . import _core, planner
+from . import _core, _tiles, planner
 from ._core import Options
 from .attention import _check_layout, attention_dtype
+
+def fuses_merge(cfg, head_dim: int, merge_indptr: np.ndarray) -> bool:
+    """Whether a split plan's kernel merges its requests' states itself: Hopper decode tiles
+    (``HopperDecodeTileConfig.fused_merge``) and at most ``FUSED_MERGE_MOST_CHUNKS`` chunks a
+    request (one warp merges a row's states in sequence; beyond, merge_state's CTAs are faster).
+
+    >>> from cpattn import _tiles
+    >>> fuses_merge(_tiles.DECODE_SM90[128], 128, np.array([0, 3, 40]))
+    False
+    >>> fuses_merge(_tiles.DECODE_SM90[128], 128, np.array([0, 3, 35]))
+    True
+    >>> fuses_merge(_tiles.DECODE[128], 128, np.array([0, 3, 35]))
+    False
+    """
+    fused = getattr(cfg, "fused_merge", None)
+    return (fused is not None and fused(head_dim)
+            and int(np.diff(merge_indptr).max(initial=0)) <= _tiles.FUSED_MERGE_MOST_CHUNKS)
+
 
 @dataclass(frozen=True)
 class GraphLimits:
@@ -40,7 +58,8 @@ class BatchDecode:
     ``[batch, num_qo_heads, head_dim]`` (and lse ``[batch, num_qo_heads]`` float32).
 
     A wrapper's runs must be ordered (one stream, or streams ordered by events): split plans
-    share its partial-state buffers.
+    share its partial-state buffers and, on Hopper, the counters by which the last chunk of a
+    request merges it.
     """
 
     def __init__(self, *, use_cuda_graph=False, max_batch_size=None, max_num_pages=None,
@@ -64,6 +83,7 @@ class BatchDecode:
         self._launch = self._launch_key = None
         self._graph_key = None  # graph mode: what the first plan fixed
         self._pool_pages = None  # graph mode: pages of the pools the first run saw
+        self._counters = None  # the fused merge's counters (_merge_counters)
 
     def plan(self, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
              page_size, *, kv_lens=None, window_left=-1,
@@ -88,6 +108,7 @@ class BatchDecode:
                                         balance_waves=True)
         split = work.split or limits is not None
         merge_indptr = work.merge_indptr
+        fused = split and limits is None and fuses_merge(cfg, head_dim, merge_indptr)
         if limits is not None:
             if batch > limits.max_batch_size:
                 raise ValueError(f"batch {batch} is over max_batch_size={limits.max_batch_size}")
@@ -114,17 +135,29 @@ class BatchDecode:
         params["group_size"] = group
         params["page_size"] = page_size
         options.fill(params, head_dim)
-        params["partial_o"] = params["partial_lse"] = 0
+        params["partial_o"] = params["partial_lse"] = params["merge_counters"] = 0
         merge = None
+        if fused:
+            params["merge_counters"] = self._merge_counters(batch * num_kv_heads, stream).data.ptr
         if split:
             partial_o, partial_lse = self._split.partials(grid, num_qo_heads, head_dim, stream)
             params["partial_o"], params["partial_lse"] = partial_o.data.ptr, partial_lse.data.ptr
+        if split and not fused:
             rows = limits.max_batch_size if limits else batch
             merge = self._split.merge(pointers["merge_indptr"], rows, dtype)
         self._plan = dict(launch=launch, heads=(num_qo_heads, num_kv_heads), head_dim=head_dim,
                           dtype=dtype, batch=batch, page_size=page_size, kv_layout=kv_layout,
-                          split=split, merge=merge, max_page=int(kv_indices.max(initial=-1)),
-                          checked=None)
+                          split=split, merge=merge, fused=fused,
+                          max_page=int(kv_indices.max(initial=-1)), checked=None)
+
+    def _merge_counters(self, count: int, stream=None):
+        """The fused merge's counters, one per (request, head block), zero between runs (each
+        run's last chunks set theirs back); grown on the plan's stream."""
+        import cupy
+        if self._counters is None or self._counters.size < count:
+            with stream or cupy.cuda.get_current_stream():
+                self._counters = cupy.zeros(max(count, 1), np.int32)
+        return self._counters
 
     @property
     def fixed_outputs(self):
@@ -172,12 +205,12 @@ class BatchDecode:
         else:
             out, lse = _core.run_outputs(q, "q", (plan["batch"],) + tuple(q.shape[1:]),
                                          "[batch, num_qo_heads, head_dim]", out, return_lse,
-                                         plan["split"], self._split.lse_scratch)
-        if plan["split"]:
+                                         plan["merge"] is not None, self._split.lse_scratch)
+        if plan["merge"] is not None:
             # The kernel writes fp32 partial states (params.partial_o is set); merge them.
             plan["launch"](q, k_pages, v_pages, out, None, stream)
             plan["merge"](out, lse, stream)
-        else:
+        else:  # unsplit, or split with the merge fused into the kernel
             plan["launch"](q, k_pages, v_pages, out, lse, stream)
         if self._limits is not None:
             out, lse = out[:plan["batch"]], lse[:plan["batch"]]

@@ -15,7 +15,9 @@
 //   per tile: wait "full"; zero V's rows past the keys (TMA tiles); S = Q K^T [16 x WARP_KEYS];
 //     mask + online softmax; O [16 x HEAD_DIM] += P V; arrive on "empty";
 //   at a work's end: warps 1..3 publish their states in shared memory, warp 0 folds them in and
-//     writes the rows (or the split-KV partial states) while the others start the next work.
+//     writes the rows (or the split-KV partial states) while the others start the next work;
+//     with p.merge_counters, the last chunk of a split request to finish merges its states
+//     (common/fused_merge.cuh), all four warps, and no merge kernel runs.
 #include "common/dtypes.cuh"
 #include "common/mma.cuh"
 #include "common/wgmma.cuh"
@@ -26,6 +28,7 @@
 #include "common/kv_tiles.cuh"
 #include "common/kv_producer.cuh"
 #include "common/tile_softmax.cuh"
+#include "common/fused_merge.cuh"
 
 using namespace cpattn;
 
@@ -35,6 +38,9 @@ batch_decode_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTens
   constexpr int ROWS = 16, WARPS = 4, WARP_KEYS = TILE / WARPS;
   constexpr int CHUNKS = HEAD_DIM / 8;  // 16-byte chunks per row of q, k, v
   constexpr int STATE = state_floats<HEAD_DIM>() * 32;  // floats of a published warp state
+  // The fused merge of split requests (_tiles.HopperDecodeTileConfig.fused_merge): at head_dim
+  // 256 its registers would spill in the tile loop, so merge_state merges there.
+  constexpr bool FUSED_MERGE = HEAD_DIM <= 128;
   static_assert(HEAD_DIM % 64 == 0, "head_dim must be a multiple of 64 (128-byte swizzle blocks)");
   static_assert(WARP_KEYS % 16 == 0, "each warp takes whole 16-key steps of a tile");
   static_assert(STAGES >= 2, "the producer runs a tile ahead at least");
@@ -42,6 +48,7 @@ batch_decode_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTens
   extern __shared__ __align__(1024) uint4 smem[];
   const Pipeline<ROWS, TILE, STAGES, CHUNKS> pipe(smem);  // kv_producer.cuh
   float* const published = reinterpret_cast<float*>(pipe.end);  // [WARPS - 1][STATE]
+  int* const last_chunk = reinterpret_cast<int*>(published + (WARPS - 1) * STATE);  // fused merge
   if (threadIdx.x == 0) pipe.init(WARPS);  // every consumer warp arrives on "empty"
   __syncthreads();
 
@@ -140,6 +147,16 @@ batch_decode_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTens
 #pragma unroll
       for (int from = 0; from < WARPS - 1; ++from) fold_rows(st, published + from * STATE);
       store_rows<T, HEAD_DIM>(p, w, 0, st);
+      if (FUSED_MERGE && p.merge_counters != nullptr) {
+        const bool last = last_chunk_done(p, w, head_blocks);
+        if (lead) *last_chunk = last;
+      }
+    }
+    // A split request's last chunk merges it. The barrier holds warps 1..3 for warp 0's fold
+    // and count at every work; split plans have few works a CTA, so little overlap is lost.
+    if (FUSED_MERGE && p.merge_counters != nullptr) {
+      named_barrier_sync(1, 128);
+      if (*last_chunk) merge_request_rows<T, HEAD_DIM, WARPS>(p, w, warp);
     }
   }
 }

@@ -92,6 +92,34 @@ def test_split_and_unsplit_plans(batch):
     _check(out, lse, ref_o, ref_lse, np.float16)
 
 
+@pytest.mark.parametrize("num_kv_heads, length", ((8, 20000), (1, 200000)))
+def test_split_merge_runs_again_and_again(num_kv_heads, length):
+    """Split plans: on Hopper the kernel merges each request's states itself (a counter per
+    request and head block, reset by the run) up to 32 chunks a request, merge_state beyond (one
+    KV head: one request is cut into far more chunks). Every run equals the reference."""
+    import cupy
+    from cpattn import _core
+    rng = np.random.default_rng(num_kv_heads)
+    lens = [length, 0, 70, 3000]
+    k, v, kv_indptr, kv_indices, kv_lens = paged_batch(rng, lens, 16, num_kv_heads, 128,
+                                                       np.float16, "NHD")
+    hq = 4 * num_kv_heads
+    q = rng.standard_normal((len(lens), hq, 128)).astype(np.float16)
+    ref_o, ref_lse = reference.paged_decode(q, k, v, kv_indptr, kv_indices, kv_lens=kv_lens)
+    wrapper = cpattn.BatchDecode()
+    wrapper.plan(kv_indptr, kv_indices, None, hq, num_kv_heads, 128, 16, kv_lens=kv_lens)
+    plan = wrapper._plan
+    assert plan["split"]
+    assert plan["fused"] == (_core.hopper_path() and num_kv_heads == 8)
+    assert (plan["merge"] is None) == plan["fused"]
+    q_dev, kv = cupy.asarray(q), (cupy.asarray(k), cupy.asarray(v))
+    for _ in range(3):
+        out, lse = wrapper.run(q_dev, kv, return_lse=True)
+        _check(out, lse, ref_o, ref_lse, np.float16)
+    out = wrapper.run(q_dev, kv)  # no lse asked for
+    _check(out, lse, ref_o, ref_lse, np.float16)
+
+
 def test_window_and_soft_cap():
     import cupy
     rng = np.random.default_rng(2)

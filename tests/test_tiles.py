@@ -175,3 +175,14 @@ def test_tma_maps_fall_back_to_cp_async(monkeypatch):
     stub = _launcher_stub(paged=True)  # page size 5: no maps at all
     _core.Launcher._encode_maps(stub, _FakeArray((40, 5, 8, 128), 256), _FakeArray((40, 5, 8, 128), 512))
     assert int(stub.maps["enabled"]) == 0
+
+
+def test_split_decode_merges_in_the_kernel_on_hopper_up_to_32_chunks():
+    from cpattn import decode
+    hopper, ampere = _tiles.DECODE_SM90, _tiles.DECODE
+    chunks = lambda *n: np.concatenate([[0], np.cumsum(n)])
+    assert decode.fuses_merge(hopper[128], 128, chunks(32, 1, 5))
+    assert not decode.fuses_merge(hopper[128], 128, chunks(33, 1))
+    assert decode.fuses_merge(hopper[64], 64, chunks(2, 2))
+    assert not decode.fuses_merge(hopper[256], 256, chunks(2, 2))  # its registers would spill
+    assert not decode.fuses_merge(ampere[128], 128, chunks(2, 2))  # merge_state's kernel

@@ -27,6 +27,9 @@ struct AttentionParams {
   const int* item_class_offset; // [num_items] where an item's classes start in tile_class
   const int* item_state;        // split-KV: [num_items] partial state of the item's first query
   const int* item_state_stride; // [num_items] states between its consecutive queries
+  const int* merge_indptr;      // fused merge: [batch + 1] the states of request b (its items)
+  int* merge_counters;          // fused merge: [batch * head_blocks] chunks done (0 between
+                                // launches), or nullptr: the states are merged by merge_state
   long long q_stride_token, q_stride_head;                   // in elements
   long long k_stride_page, k_stride_slot, k_stride_head;     // ragged: page stride 0, slot = token
   long long v_stride_page, v_stride_slot, v_stride_head;
