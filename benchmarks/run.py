@@ -133,27 +133,31 @@ def main(argv=None) -> int:
         {"environment": env, "ceilings": ceil, "results": results}, indent=1))
     table = markdown(results, env, ceil, command)
     (out / "results.md").write_text(table)
-    if args.results:
-        Path(args.results).write_text("# Latest results\n\nWritten by `benchmarks/run.py --results`;"
-                                      " peers ran in the same process on the same inputs.\n\n"
-                                      + table)
     plot(results, out / "results.png")
+    if args.results:
+        # The plot beside the published table (results.png in its folder), linked from it.
+        page = Path(args.results)
+        figure = ("![cpattn / best peer per case, same run](results.png)\n\n"
+                  if plot(results, page.with_name("results.png")) else "")
+        page.write_text("# Latest results\n\nWritten by `benchmarks/run.py --results`;"
+                        " peers ran in the same process on the same inputs.\n\n" + figure + table)
     print(table)
     return 0
 
 
-def plot(results: list[dict], path: Path) -> None:
-    """cpattn / best peer for every case with a peer, as a PNG (skipped without matplotlib)."""
+def plot(results: list[dict], path: Path) -> bool:
+    """cpattn / best peer for every case with a peer, as a PNG; whether one was written (not
+    without matplotlib, nor without a peer)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return False
     rows = [(f"{r['suite']}: {r['case']}", r["value"] / max(v for v in r["peers"].values() if v))
             for r in results if any(r.get("peers", {}).values())]
     if not rows:
-        return
+        return False
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.2))
     ax.barh([name for name, _ in rows], [ratio for _, ratio in rows])
     ax.axvline(1.0, color="black", linewidth=0.8)
@@ -162,6 +166,7 @@ def plot(results: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

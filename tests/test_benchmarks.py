@@ -1,5 +1,6 @@
 """The benchmark runner's host-side pieces (CPU)."""
 import doctest
+import importlib.util
 
 import pytest
 
@@ -20,3 +21,15 @@ def test_doctests():
 def test_rotation_covers_twice_the_l2(nbytes, l2, sets):
     assert suites.rotation_sets(nbytes, l2) == sets
     assert sets in (1, 1024) or sets * nbytes >= 2 * l2
+
+
+def test_plot_says_whether_it_wrote(tmp_path):
+    """RESULTS.md links the plot only when one was written (matplotlib there, a peer ran)."""
+    run = pytest.importorskip("benchmarks.run")
+    path = tmp_path / "results.png"
+    assert run.plot([dict(suite="decode", case="x", value=1.0, peers={})], path) is False
+    row = dict(suite="decode", case="B1", value=2.0, peers={"flashinfer": 4.0, "other": None})
+    if importlib.util.find_spec("matplotlib") is None:
+        assert run.plot([row], path) is False
+    else:
+        assert run.plot([row], path) is True and path.stat().st_size > 0
