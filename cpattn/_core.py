@@ -50,10 +50,16 @@ class Options:
     logits_soft_cap: float = 0.0
 
     def check(self, has_mask: bool) -> None:
+        if not isinstance(self.causal, (bool, np.bool_)):
+            raise TypeError(f"causal must be a bool; got {type(self.causal).__name__}")
+        if self.sm_scale is not None:
+            check_number(self.sm_scale, "sm_scale")
+        check_number(self.logits_soft_cap, "logits_soft_cap")
         if self.causal and has_mask:
             raise ValueError("custom_mask and causal=True are mutually exclusive: a custom mask "
                              "already says which keys each query sees; encode causality in it")
         if not isinstance(self.window_left, (int, np.integer)) or \
+                isinstance(self.window_left, (bool, np.bool_)) or \
                 not -1 <= self.window_left <= A.INT32_MAX:
             raise ValueError("window_left must be an int in [-1, 2^31 - 1] (-1: no window); got "
                              f"{self.window_left!r}")
@@ -74,13 +80,24 @@ class Options:
         params["soft_cap_log2"] = cap * LOG2E
 
 
+def check_number(value, name: str) -> None:
+    """A real number (not a bool): TypeError naming the argument otherwise."""
+    if isinstance(value, (bool, np.bool_)) or \
+            not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+
+
 def check_head_dim(head_dim: int) -> None:
+    if isinstance(head_dim, (bool, np.bool_)) or not isinstance(head_dim, (int, np.integer)):
+        raise TypeError(f"head_dim must be an integer; got {type(head_dim).__name__}")
     if head_dim not in _tiles.HEAD_DIMS:
         raise NotImplementedError(f"head_dim {head_dim} is not supported; supported: "
                                   f"{', '.join(map(str, _tiles.HEAD_DIMS))}")
 
 
 def check_heads(num_qo_heads: int, num_kv_heads: int) -> int:
+    num_qo_heads = planner.positive_int(num_qo_heads, "num_qo_heads")
+    num_kv_heads = planner.positive_int(num_kv_heads, "num_kv_heads")
     if num_kv_heads <= 0 or num_qo_heads <= 0 or num_qo_heads % num_kv_heads:
         raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a positive multiple of "
                          f"num_kv_heads ({num_kv_heads})")
@@ -569,10 +586,12 @@ class Launcher:
 def require_graph_limits(**limits) -> None:
     """use_cuda_graph=True: every named maximum must be given (the buffers a captured graph
     uses are sized once, at construction or first plan)."""
-    missing = [name for name, value in limits.items() if not value]
+    missing = [name for name, value in limits.items() if value is None]
     if missing:
         raise ValueError(f"use_cuda_graph=True needs {', '.join(limits)}; missing: "
                          f"{', '.join(missing)} (the buffers a captured graph uses are sized once)")
+    for name, value in limits.items():
+        planner.positive_int(value, name)
 
 
 def check_graph_fits(wrapper: str, batch: int, total_q: int, num_pages: int,
@@ -609,6 +628,7 @@ class GraphPrefill:
         for name, value in (("max_batch_size", max_batch_size), ("max_num_pages", max_num_pages),
                             ("max_total_q", max_total_q)):
             planner.positive_int(value, name)
+        planner.positive_int(max_items, "max_items", 0)  # 0: the default
         self.max_batch_size, self.max_num_pages = max_batch_size, max_num_pages
         self.max_total_q, self.max_items = max_total_q, max_items
         self.key = None

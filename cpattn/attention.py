@@ -17,7 +17,13 @@ from ._core import Options
 
 def attention_dtype(dtype) -> np.dtype:
     """float16 / bfloat16 from a NumPy dtype or its name."""
-    dtype = A.BFLOAT16 if str(dtype) == "bfloat16" else np.dtype(dtype)
+    try:
+        if dtype is None:
+            raise TypeError
+        dtype = A.BFLOAT16 if str(dtype) == "bfloat16" else np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f'dtype must be "float16" or "bfloat16" (or their NumPy dtypes); got '
+                        f"{dtype!r}") from None
     if dtype not in A.ATTENTION_DTYPES:
         raise ValueError(f"dtype must be float16 or bfloat16; got {A.dtype_name(dtype)}")
     return dtype
@@ -236,6 +242,7 @@ def single_prefill(q, k, v, *, causal=False, sm_scale=None, window_left=-1, logi
     hq, hkv, d = _check_qkv(q, k, v, kv_layout)
     options = Options(causal, sm_scale, window_left, logits_soft_cap)
     if not on_gpu:
+        _core.check_head_dim(d)  # the GPU's head dims on the CPU too
         options.check(custom_mask is not None)
         o, lse = reference.single_prefill(q, k, v, causal=causal, sm_scale=sm_scale,
                                           window_left=window_left, logits_soft_cap=logits_soft_cap,
@@ -279,13 +286,19 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, sm_sc
     ``[total_k, Hkv, D]``, ``cu_seqlens_*`` int32 ``[batch + 1]`` (lengths [2, 3, 1] give
     [0, 2, 5, 6]). Plans and runs in one call: a serving loop should hold a BatchPrefillRagged."""
     arrs, on_gpu = A.intake_all({"q": q, "k": k, "v": v})
+    # The FlashAttention names in errors (BatchPrefillRagged.plan says qo_indptr, kv_indptr).
+    cu_seqlens_q = _host_indptr(cu_seqlens_q, "cu_seqlens_q")
+    cu_seqlens_k = _host_indptr(cu_seqlens_k, "cu_seqlens_k")
+    if len(cu_seqlens_q) != len(cu_seqlens_k):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries; got "
+                         f"{len(cu_seqlens_q)} and {len(cu_seqlens_k)}")
     if not on_gpu:
         q, k, v = arrs.values()
-        _check_qkv(q, k, v, "NHD")
+        _core.check_head_dim(_check_qkv(q, k, v, "NHD")[2])  # the GPU's head dims on the CPU too
         Options(causal, sm_scale, window_left, logits_soft_cap).check(
             custom_mask is not None or packed_custom_mask is not None)
         o, lse = reference.ragged_prefill(
-            q, k, v, np.asarray(cu_seqlens_q), np.asarray(cu_seqlens_k), causal=causal,
+            q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
             sm_scale=sm_scale, window_left=window_left, logits_soft_cap=logits_soft_cap,
             custom_mask=custom_mask, packed_custom_mask=packed_custom_mask, mask_indptr=mask_indptr)
         return _host_result(o, lse, q.dtype, return_lse)

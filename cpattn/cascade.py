@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _arrays as A
+from . import _core, planner
 from .attention import _host_indptr
 from .merge import merge_state
 from .paged_prefill import BatchPrefillPaged
@@ -56,6 +58,14 @@ class CascadeAttention:
                 got = len(value) if isinstance(value, (list, tuple)) else type(value).__name__
                 raise ValueError(f"{name} must be a list of {self.num_levels} arrays (one per "
                                  f"level); got {got}")
+        _core.Options(causal, sm_scale, -1, logits_soft_cap).check(False)
+        page_size = planner.positive_int(page_size, "page_size")
+        for level in range(self.num_levels):  # every level's page table before any level plans
+            try:
+                planner.check_page_table(kv_indptr_arr[level], kv_indices_arr[level], A.INT32_MAX,
+                                         page_size, kv_lens=kv_lens_arr[level])
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"level {level}: {err}") from None
         total_q = None
         for level, qo_indptr in enumerate(qo_indptr_arr):
             end = int(_host_indptr(qo_indptr, f"qo_indptr_arr[{level}]")[-1])

@@ -69,6 +69,7 @@ class BatchDecode:
         if use_cuda_graph:
             _core.require_graph_limits(max_batch_size=max_batch_size,
                                        max_num_pages=max_num_pages)
+            max_items = planner.positive_int(max_items, "max_items", 0)  # 0: the default
             items = max_items or max(2 * _core.num_sms(), max_batch_size)
             self._limits = GraphLimits(max_batch_size, max_num_pages, items)
             capacities = dict(num_items=1, item_request=items, item_q_start=items,

@@ -200,6 +200,9 @@ class BatchMLA:
         if use_cuda_graph:
             _core.require_graph_limits(max_batch_size=max_batch_size,
                                        max_num_pages=max_num_pages)
+            if max_total_q is not None:
+                planner.positive_int(max_total_q, "max_total_q")
+            max_items = planner.positive_int(max_items, "max_items", 0)  # 0: the default
             total_q = max_total_q or max_batch_size
             items = max_items or max(2 * _core.num_sms(), total_q)
             self._limits = dict(batch=max_batch_size, pages=max_num_pages, total_q=total_q,
@@ -223,6 +226,12 @@ class BatchMLA:
         _check_dims(head_dim_ckv, head_dim_kpe)
         num_heads = positive_int(num_heads, "num_heads")
         page_size = positive_int(page_size, "page_size")
+        if not isinstance(causal, (bool, np.bool_)):
+            raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+        if sm_scale is not None:
+            _core.check_number(sm_scale, "sm_scale")
+        if kv_lens is None:
+            raise ValueError("kv_lens is required: the token count of each request, int32 [batch]")
         if sm_scale is None or not (math.isfinite(sm_scale) and sm_scale > 0):
             raise ValueError(f"sm_scale must be a finite number > 0 (MLA has no default; "
                              f"DeepSeek-V3 uses 1/sqrt(128 + 64)); got {sm_scale}")

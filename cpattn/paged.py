@@ -256,6 +256,15 @@ def _launch(k_pages, v_pages, k_new, v_new, page, slot, kv_layout: str, stream) 
 _INT32_CODE = next(code for code in "ilh" if array.array(code).itemsize == 4)
 
 
+def check_id_sequence(seq_ids):
+    """``seq_ids`` itself when it is a sequence of ids. A str is iterable (its characters would
+    pass for ids) and an int is not: either is one id, a TypeError here."""
+    if isinstance(seq_ids, (str, bytes)) or not hasattr(seq_ids, "__iter__"):
+        raise TypeError(f"seq_ids must be a sequence of ids (a list or an array), not one "
+                        f"{type(seq_ids).__name__}; got {seq_ids!r}")
+    return seq_ids
+
+
 class _PageTables:
     """The page allocator: free page ids and, per sequence, its token count and page ids.
 
@@ -297,6 +306,7 @@ class _PageTables:
 
     def rows(self, seq_ids) -> np.ndarray:
         """int64 [batch]: the row of each id (one dict lookup each; errors name the id)."""
+        check_id_sequence(seq_ids)
         row_of = self.row_of
         try:
             rows = [row_of[s] for s in seq_ids]
@@ -442,7 +452,7 @@ class SequencePages:
         argument ``new_name``), all or nothing, then call ``write(page, slot)`` with the page id
         and slot of every new token (int arrays [total_new]); a failed write leaves the tables
         as they were."""
-        seq_ids = list(seq_ids)
+        seq_ids = list(check_id_sequence(seq_ids))
         rows = self._tables.rows(seq_ids)
         batch = rows.shape[0]
         if len(set(rows.tolist())) != batch:

@@ -46,8 +46,11 @@ def host_index(x, name: str, length: int | None = None) -> np.ndarray:
 
 
 def positive_int(x, name: str, minimum: int = 1) -> int:
-    """``x`` as a Python int >= ``minimum`` (TypeError for a non-integer, ValueError below)."""
+    """``x`` as a Python int >= ``minimum`` (TypeError for a non-integer or a bool, ValueError
+    below)."""
     try:
+        if isinstance(x, (bool, np.bool_)):
+            raise TypeError
         value = operator.index(x)
     except TypeError:
         raise TypeError(f"{name} must be an integer; got {type(x).__name__}") from None

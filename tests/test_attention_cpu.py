@@ -88,3 +88,72 @@ def test_run_before_plan():
         cpattn.BatchPrefillRagged().run(Q, KV, KV)
     with pytest.raises(RuntimeError, match="run\\(\\) before plan\\(\\)"):
         cpattn.BatchPrefillPaged().run(Q, (KV, KV))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(causal="no"), TypeError, "causal must be a bool; got str"),
+    (dict(causal=None), TypeError, "causal must be a bool; got NoneType"),
+    (dict(sm_scale="0.1"), TypeError, "sm_scale must be a number; got str"),
+    (dict(logits_soft_cap=None), TypeError, "logits_soft_cap must be a number; got NoneType"),
+    (dict(window_left=True), ValueError, "window_left must be an int"),
+])
+def test_option_types_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cpattn.single_prefill(Q, KV, KV, **kwargs)
+
+
+def test_the_cpu_path_takes_the_gpus_head_dims_only():
+    q, kv = np.zeros((2, 4, 96), np.float16), np.zeros((3, 2, 96), np.float16)
+    with pytest.raises(NotImplementedError, match="head_dim 96 is not supported"):
+        cpattn.single_prefill(q, kv, kv)
+    with pytest.raises(NotImplementedError, match="head_dim 96 is not supported"):
+        cpattn.varlen_attention(q, kv, kv, np.array([0, 2], np.int32), np.array([0, 3], np.int32))
+
+
+@pytest.mark.parametrize("cu_q, cu_k, error, match", [
+    (np.array([0, 5], np.int32), np.array([0, 4, 9], np.int32), ValueError,
+     "cu_seqlens_q and cu_seqlens_k must both have batch \\+ 1 entries; got 2 and 3"),
+    (np.array([0, 5], np.int64), np.array([0, 9], np.int32), ValueError,
+     "cu_seqlens_q must have dtype int32"),
+    (np.array([0, 5], np.int32), np.array([1, 9], np.int32), ValueError,
+     "cu_seqlens_k must start at 0"),
+    (None, np.array([0, 9], np.int32), TypeError, "cu_seqlens_q must be a CuPy or NumPy array"),
+])
+def test_varlen_errors_name_cu_seqlens(cu_q, cu_k, error, match):
+    with pytest.raises(error, match=match):
+        cpattn.varlen_attention(Q, KV, KV, cu_q, cu_k)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(num_qo_heads="8"), TypeError, "num_qo_heads must be an integer; got str"),
+    (dict(num_kv_heads=2.0), TypeError, "num_kv_heads must be an integer; got float"),
+    (dict(head_dim="64"), TypeError, "head_dim must be an integer; got str"),
+    (dict(head_dim=True), TypeError, "head_dim must be an integer; got bool"),
+    (dict(dtype="fp16"), TypeError, 'dtype must be "float16" or "bfloat16"'),
+    (dict(dtype=None), TypeError, 'dtype must be "float16" or "bfloat16"'),
+])
+def test_plan_argument_types_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        _plan(**kwargs)
+    args = dict(num_qo_heads=4, num_kv_heads=2, head_dim=64)
+    args.update({k: v for k, v in kwargs.items() if k in args})
+    with pytest.raises(error, match=match):  # BatchDecode checks them the same way
+        cpattn.BatchDecode().plan(np.array([0, 1], np.int32), np.array([0], np.int32),
+                                  np.array([1], np.int32), args["num_qo_heads"],
+                                  args["num_kv_heads"], args["head_dim"], 16,
+                                  **{k: v for k, v in kwargs.items() if k == "dtype"})
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(max_batch_size=-1, max_num_pages=8), ValueError, "max_batch_size must be >= 1; got -1"),
+    (dict(max_batch_size=2.5, max_num_pages=8), TypeError, "max_batch_size must be an integer"),
+    (dict(max_batch_size=0, max_num_pages=8), ValueError, "max_batch_size must be >= 1; got 0"),
+    (dict(max_batch_size=4, max_num_pages=8, max_items=-3), ValueError,
+     "max_items must be >= 0; got -3"),
+    (dict(max_num_pages=8), ValueError, "missing: max_batch_size"),
+])
+def test_graph_limits_are_checked(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cpattn.BatchDecode(use_cuda_graph=True, **kwargs)
+    with pytest.raises(error, match=match):
+        cpattn.BatchMLA(use_cuda_graph=True, **kwargs)

@@ -37,3 +37,13 @@ def test_run_before_plan():
 def test_level_errors_name_the_level():
     with pytest.raises(ValueError, match="^level 0: .*kv_lens"):
         plan(cpattn.CascadeAttention(2), kv_lens_arr=[I32(17), I32(3)])
+
+
+def test_every_level_is_checked_before_any_plans():
+    """A bad page table in the last level is found before level 0 plans (on a GPU it would
+    have uploaded its plan first); the options are checked first of all."""
+    with pytest.raises(ValueError, match=r"level 1: kv_lens\[0\]=40 must be in \[1, 16\]"):
+        plan(cpattn.CascadeAttention(2), kv_lens_arr=[I32(10), I32(40)])
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        cpattn.CascadeAttention(2).plan([I32(0, 3)] * 2, [I32(0, 1)] * 2, [I32(0), I32(1)],
+                                        [I32(10), I32(3)], 4, 2, 128, 16, causal="yes")

@@ -81,6 +81,22 @@ def test_grow_free_reuse():
     assert cache.num_free_pages == 11
 
 
+def test_one_id_is_not_a_sequence_of_ids():
+    """A str would pass as its characters, an int is not iterable: both are refused by name,
+    and nothing grows."""
+    cache = cpu_cache()
+    for seq in ("a", "b", "ab", 0):
+        cache.add_sequence(seq)
+    k = np.zeros((2, HEADS, DIM), np.float16)
+    for ids in ("ab", 0):
+        with pytest.raises(TypeError, match="seq_ids must be a sequence of ids"):
+            cache.page_table(ids)
+        with pytest.raises(TypeError, match="seq_ids must be a sequence of ids"):
+            cache.append(ids, k, k)
+    assert all(cache.seq_len(seq) == 0 for seq in ("a", "b", "ab", 0))
+    assert cache.page_table(["ab"])[3].tolist() == [0]
+
+
 def test_page_table_matches_lengths():
     cache = cpu_cache(num_pages=32, page_size=5)
     lens = {"x": 0, "y": 1, "z": 5, "w": 6, "v": 23}
