@@ -349,7 +349,8 @@ def _packed_mask(custom_mask, packed_custom_mask, mask_indptr, qo_lens, kv_lens)
     if mask_indptr is not None and packed_custom_mask is None:
         raise ValueError("mask_indptr goes with packed_custom_mask (a flat custom_mask needs none)")
     if custom_mask is not None:
-        flat = _to_host(A.intake(custom_mask, "custom_mask")).reshape(-1)
+        flat = mask_mod._as_bool(_to_host(A.intake(custom_mask, "custom_mask")).reshape(-1),
+                                 "custom_mask")
         expected = int((qo_lens.astype(np.int64) * kv_lens.astype(np.int64)).sum())
         if flat.size != expected:
             raise ValueError(f"custom_mask must hold sum(qo_len * kv_len) = {expected} entries "
@@ -362,7 +363,8 @@ def _packed_mask(custom_mask, packed_custom_mask, mask_indptr, qo_lens, kv_lens)
             raise ValueError("packed_custom_mask needs mask_indptr (bytes, [batch + 1])")
         packed = A.intake(packed_custom_mask, "packed_custom_mask")
         mask_indptr = _to_host(A.intake(mask_indptr, "mask_indptr"))
-        masks = mask_mod.unpack(_to_host(packed), mask_indptr, qo_lens, kv_lens)
+        masks = mask_mod.unpack(_to_host(packed), mask_indptr, qo_lens, kv_lens,
+                                name="packed_custom_mask")
         return packed, mask_indptr.astype(np.int32), masks
     return None, None, None
 

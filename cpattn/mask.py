@@ -77,8 +77,12 @@ def _as_bool(mask, name):
     mask = np.asarray(mask)
     if mask.dtype == np.bool_:
         return mask
-    if mask.dtype.kind in "iu" and np.all((mask == 0) | (mask == 1)):
-        return mask.astype(np.bool_)
+    if mask.dtype.kind in "iu":
+        other = (mask != 0) & (mask != 1)
+        if not other.any():
+            return mask.astype(np.bool_)
+        raise ValueError(f"{name} must be bool (or integers 0/1); got {mask.dtype} holding "
+                         f"{mask[other].flat[0]}")
     raise ValueError(f"{name} must be bool (or integers 0/1); got dtype {mask.dtype}")
 
 
@@ -187,6 +191,7 @@ def unflatten(flat_mask, qo_lens, kv_lens):
     ----------
     flat_mask : bool (or 0/1 integer) ndarray, [sum_b qo_lens[b] * kv_lens[b]]
     qo_lens, kv_lens : integer array-like, [batch]
+    name : str, what errors call ``packed`` (the caller's argument name)
 
     Returns
     -------
@@ -261,6 +266,7 @@ def from_padded(mask, qo_lens, kv_lens):
         Request b's mask is ``mask[b, :qo_lens[b], :kv_lens[b]]``; the rest is padding
         and is never read.
     qo_lens, kv_lens : integer array-like, [batch]
+    name : str, what errors call ``packed`` (the caller's argument name)
 
     Returns
     -------
@@ -303,7 +309,7 @@ def from_padded(mask, qo_lens, kv_lens):
     ]
 
 
-def validate_packed(packed, mask_indptr, qo_lens, kv_lens):
+def validate_packed(packed, mask_indptr, qo_lens, kv_lens, *, name="packed"):
     """Check a packed mask against its requests' lengths; raise ValueError if wrong.
 
     Parameters
@@ -312,6 +318,7 @@ def validate_packed(packed, mask_indptr, qo_lens, kv_lens):
     mask_indptr : int32 ndarray, [batch + 1]
         Starts at 0; request b holds ``ceil(qo_lens[b] * kv_lens[b] / 8)`` bytes.
     qo_lens, kv_lens : integer array-like, [batch]
+    name : str, what errors call ``packed`` (the caller's argument name)
 
     Example
     -------
@@ -319,9 +326,9 @@ def validate_packed(packed, mask_indptr, qo_lens, kv_lens):
     ``kv_lens = [3, 4]`` is valid: 6 bits fit in 1 byte, 12 bits in 2.
     """
     if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8:
-        raise ValueError(f"packed must be a uint8 ndarray; got {_describe(packed)}")
+        raise ValueError(f"{name} must be a uint8 ndarray; got {_describe(packed)}")
     if packed.ndim != 1:
-        raise ValueError(f"packed must be 1-D; got shape {packed.shape}")
+        raise ValueError(f"{name} must be 1-D; got shape {packed.shape}")
     if not isinstance(mask_indptr, np.ndarray) or mask_indptr.dtype != np.int32:
         raise ValueError(f"mask_indptr must be an int32 ndarray; got {_describe(mask_indptr)}")
     qo_lens = _as_lengths(qo_lens, "qo_lens")
@@ -351,7 +358,7 @@ def validate_packed(packed, mask_indptr, qo_lens, kv_lens):
         )
     if mask_indptr[-1] > packed.shape[0]:
         raise ValueError(
-            f"packed is too short: mask_indptr[-1]={mask_indptr[-1]} bytes needed, "
+            f"{name} is too short: mask_indptr[-1]={mask_indptr[-1]} bytes needed, "
             f"len(packed)={packed.shape[0]}"
         )
 
@@ -363,7 +370,7 @@ def _describe(x):
     return type(x).__name__
 
 
-def unpack(packed, mask_indptr, qo_lens, kv_lens):
+def unpack(packed, mask_indptr, qo_lens, kv_lens, *, name="packed"):
     """Unpack a bit-packed mask into per-request 2-D bool masks.
 
     Parameters
@@ -371,6 +378,7 @@ def unpack(packed, mask_indptr, qo_lens, kv_lens):
     packed : uint8 ndarray, 1-D
     mask_indptr : int32 ndarray, [batch + 1], in bytes
     qo_lens, kv_lens : integer array-like, [batch]
+    name : str, what errors call ``packed`` (the caller's argument name)
 
     Returns
     -------
@@ -381,7 +389,7 @@ def unpack(packed, mask_indptr, qo_lens, kv_lens):
     >>> unpack(np.array([5], np.uint8), np.array([0, 1], np.int32), [1], [3])
     [array([[ True, False,  True]])]
     """
-    validate_packed(packed, mask_indptr, qo_lens, kv_lens)
+    validate_packed(packed, mask_indptr, qo_lens, kv_lens, name=name)
     qo_lens = _as_lengths(qo_lens, "qo_lens")
     kv_lens = _as_lengths(kv_lens, "kv_lens")
     masks = []

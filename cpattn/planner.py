@@ -134,11 +134,15 @@ def cu_seqlens(lengths) -> np.ndarray:
     if lengths.ndim != 1 or (lengths.size and lengths.dtype.kind not in "iu"):
         raise ValueError(f"lengths must be a 1-D integer array; got {lengths.dtype} "
                          f"of shape {lengths.shape}")
-    out = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out[1:])
     if lengths.size and lengths.min() < 0:
         i = int(np.flatnonzero(lengths < 0)[0])
         raise ValueError(f"lengths must be >= 0; got lengths[{i}]={lengths[i]}")
+    if lengths.size and lengths.max() > _INT32_MAX:  # (before the sum: int64 could wrap)
+        i = int(np.argmax(lengths))
+        raise ValueError(f"the lengths must sum to at most {_INT32_MAX} (int32); got "
+                         f"lengths[{i}]={lengths[i]}")
+    out = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
     if out[-1] > _INT32_MAX:
         raise ValueError(f"the lengths must sum to at most {_INT32_MAX} (int32); got {out[-1]}")
     return out.astype(np.int32)
@@ -511,8 +515,18 @@ def partition_tiles(qo_lens, kv_lens, queries_per_item: int, causal: bool, ctas_
     >>> w.state.tolist(), w.state_stride.tolist(), w.merge_indptr.tolist()
     ([0, 1, 4, 5], [2, 2, 2, 2], [0, 2, 4, 6])
     """
-    qo_lens = np.asarray(qo_lens, dtype=np.int64)
-    kv_lens = np.asarray(kv_lens, dtype=np.int64)
+    qo_lens, kv_lens = np.asarray(qo_lens), np.asarray(kv_lens)
+    for name, lens in (("qo_lens", qo_lens), ("kv_lens", kv_lens)):
+        if lens.ndim != 1 or (lens.size and lens.dtype.kind not in "iu"):
+            raise ValueError(f"{name} must be a 1-D integer array; got {lens.dtype} of shape "
+                             f"{lens.shape}")
+        if lens.size and lens.min() < 0:
+            i = int(np.flatnonzero(lens < 0)[0])
+            raise ValueError(f"{name} must be >= 0; got {name}[{i}]={lens[i]}")
+    if qo_lens.shape != kv_lens.shape:
+        raise ValueError(f"qo_lens and kv_lens must have one entry a request; got "
+                         f"{qo_lens.shape[0]} and {kv_lens.shape[0]}")
+    qo_lens, kv_lens = qo_lens.astype(np.int64), kv_lens.astype(np.int64)
     qpi = positive_int(queries_per_item, "queries_per_item")
     tiles = -(-qo_lens // qpi)
     unit_request = np.repeat(np.arange(len(qo_lens)), tiles)

@@ -157,3 +157,16 @@ def test_graph_limits_are_checked(kwargs, error, match):
         cpattn.BatchDecode(use_cuda_graph=True, **kwargs)
     with pytest.raises(error, match=match):
         cpattn.BatchMLA(use_cuda_graph=True, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(custom_mask=np.ones(23, np.float32)), "custom_mask must be bool .*; got dtype float32"),
+    (dict(custom_mask=np.full(23, 2, np.uint8)), "custom_mask must be bool .*; got uint8 holding 2"),
+    (dict(packed_custom_mask=np.zeros(4, np.int8), mask_indptr=np.array([0, 1, 3], np.int32)),
+     "packed_custom_mask must be a uint8 ndarray"),
+    (dict(packed_custom_mask=np.zeros(2, np.uint8), mask_indptr=np.array([0, 1, 3], np.int32)),
+     "packed_custom_mask is too short"),
+])
+def test_mask_errors_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _plan(**kwargs)

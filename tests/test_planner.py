@@ -34,6 +34,8 @@ def test_cu_seqlens():
     ([[1, 2]], "lengths must be a 1-D integer array"),
     ([1.5], "lengths must be a 1-D integer array"),
     ([2**31 - 1, 1], "the lengths must sum to at most 2147483647"),
+    (np.array([2**62] * 4), "the lengths must sum to at most 2147483647"),  # int64 would wrap
+    (np.array([2**63], np.uint64), "the lengths must sum to at most 2147483647"),
 ])
 def test_cu_seqlens_errors(lengths, match):
     with pytest.raises(ValueError, match=match):
@@ -298,3 +300,14 @@ def test_balanced_waves_leave_two_waves_whole():
     work = planner.partition_decode(np.full(128, 2048, np.int32), 8, num_sms=132, ctas_per_sm=3,
                                     tile=64, balance_waves=True)
     assert not work.split and work.num_items == 128
+
+
+@pytest.mark.parametrize("qo_lens, kv_lens, match", [
+    ([3, -1], [10, 10], r"qo_lens must be >= 0; got qo_lens\[1\]=-1"),
+    ([3, 1], [10], "qo_lens and kv_lens must have one entry a request; got 2 and 1"),
+    ([3.5], [10], "qo_lens must be a 1-D integer array"),
+    ([3], [[10]], "kv_lens must be a 1-D integer array"),
+])
+def test_partition_tiles_errors(qo_lens, kv_lens, match):
+    with pytest.raises(ValueError, match=match):
+        planner.partition_tiles(np.array(qo_lens), np.array(kv_lens), 2, False, 1, num_sms=4)
