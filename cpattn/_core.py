@@ -298,7 +298,14 @@ def paged_inputs(q, kv, out, wrapper: str, reference_op: str, kv_layout: str):
     if layout != kv_layout:
         raise ValueError(f"the cache's kv_layout is {layout!r} but the plan was made for "
                          f"{kv_layout!r}")
-    k_pages, v_pages = (kv.k_pages, kv.v_pages) if hasattr(kv, "k_pages") else kv
+    if hasattr(kv, "k_pages"):
+        k_pages, v_pages = kv.k_pages, kv.v_pages
+    elif isinstance(kv, (tuple, list)) and len(kv) == 2:
+        k_pages, v_pages = kv
+    else:
+        raise TypeError("kv must be a PagedKVCache or a (k_pages, v_pages) pair; got "
+                        f"{type(kv).__name__}" + (f" of {len(kv)}" if isinstance(kv, (tuple, list))
+                                                  else ""))
     arrs, on_gpu = A.intake_all({"q": q, "k_pages": k_pages, "v_pages": v_pages, "out": out})
     if not on_gpu:
         raise TypeError(f"{wrapper} runs CuPy (GPU) arrays; cpattn.reference.{reference_op} is "

@@ -43,7 +43,7 @@ def _check_qkv(q, k, v, kv_layout: str):
         raise ValueError(f"q must have shape [total_q, num_qo_heads, head_dim]; got {tuple(q.shape)}")
     if k.ndim != 3:
         raise ValueError(f"k must have 3 dimensions ({kv_layout}); got {tuple(k.shape)}")
-    A.check_shape(v, "v", tuple(k.shape), "the shape of k")
+    A.check_shape(v, "v", tuple(k.shape), "(that of k)")
     num_kv_heads = k.shape[1] if kv_layout == "NHD" else k.shape[0]
     head_dim = q.shape[2]
     if k.shape[2] != head_dim:

@@ -87,6 +87,11 @@ class MLAPagedCache(SequencePages):
             kv_cache = A.intake(kv_cache, "kv_cache")
             A.check_shape(kv_cache, "kv_cache", (self.num_pages, self.page_size, CKV_DIM + KPE_DIM),
                           "[num_pages, page_size, head_dim_ckv + head_dim_kpe]")
+            if kv_cache.dtype != self.dtype:
+                raise ValueError(f"kv_cache must have dtype {A.dtype_name(self.dtype)} (the "
+                                 f"cache's); got {A.dtype_name(kv_cache.dtype)}")
+            if not A.is_gpu(kv_cache) and not kv_cache.flags.writeable:
+                raise ValueError("kv_cache must be writeable; the cache is written in place")
             ckv_cache, kpe_cache = kv_cache[..., :CKV_DIM], kv_cache[..., CKV_DIM:]
         if (ckv_cache is None) != (kpe_cache is None):
             raise ValueError("give both ckv_cache and kpe_cache, or neither")

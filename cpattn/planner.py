@@ -250,6 +250,8 @@ def _check_page_ids(kv_indices: np.ndarray, num_pages: int) -> None:
     # NOTE: seen as uint32, a negative id is above any valid one: one reduction checks both ends.
     if kv_indices.size and kv_indices.view(np.uint32).max() >= num_pages:
         i = int(np.flatnonzero((kv_indices < 0) | (kv_indices >= num_pages))[0])
+        if kv_indices[i] < 0 and num_pages == _INT32_MAX:  # plan(): no pool to name yet
+            raise ValueError(f"kv_indices[{i}]={kv_indices[i]} must be >= 0 (a page id)")
         raise ValueError(f"kv_indices[{i}]={kv_indices[i]} is out of range "
                          f"[0, num_pages={num_pages})")
 

@@ -34,7 +34,7 @@ def test_single_prefill_option_errors(kwargs, error, match):
 @pytest.mark.parametrize("args, error, match", [
     ((Q.astype(np.float32), KV, KV), ValueError, "q must have dtype float16, bfloat16; got float32"),
     ((Q, KV.astype(np.float32), KV), ValueError, r"k must have the dtype of q \(float16\)"),
-    ((Q, KV, KV[:5]), ValueError, "v must have shape the shape of k"),
+    ((Q, KV, KV[:5]), ValueError, r"v must have shape \(that of k\) = \(9, 2, 64\); got \(5, 2, 64\)"),
     ((Q[:, :3], KV, KV), ValueError, r"num_qo_heads \(3\) must be a positive multiple"),
     ((Q, KV[..., :32], KV[..., :32]), ValueError, "k must have head_dim 64"),
     ((None, KV, KV), TypeError, "q must be a CuPy or NumPy array or a DLPack tensor; got None"),

@@ -43,6 +43,10 @@ def test_cache_views_of_one_array():
     (dict(ckv_cache=np.zeros((4, 2, CKV), np.float16),
           kpe_cache=np.zeros((4, 3, KPE), np.float16)), ValueError, r"kpe_cache must have shape"),
     (dict(kv_cache=np.zeros((4, 2, 512), np.float16)), ValueError, "kv_cache must have shape"),
+    (dict(kv_cache=np.zeros((4, 2, CKV + KPE), np.float32)), ValueError,
+     r"kv_cache must have dtype float16 \(the cache's\); got float32"),
+    (dict(kv_cache=np.broadcast_to(np.zeros((), np.float16), (4, 2, CKV + KPE))), ValueError,
+     "kv_cache must be writeable"),
 ])
 def test_cache_errors(kwargs, error, match):
     args = dict(num_pages=4, page_size=2, dtype="float16", device="cpu")

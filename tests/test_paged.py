@@ -581,3 +581,11 @@ def test_gpu_torch_pools_stay_in_place(dtype):
     cupy.cuda.Device().synchronize()
     assert same_bytes(k_t.view(torch.int16).cpu().numpy(), cpu.k_pages)
     assert same_bytes(v_t.view(torch.int16).cpu().numpy(), cpu.v_pages)
+
+
+@pytest.mark.parametrize("kv, got", [((np.zeros(1),), "tuple of 1"), (np.zeros(3), "ndarray")])
+def test_run_names_a_kv_that_is_not_a_pair(kv, got):
+    from cpattn import _core
+    with pytest.raises(TypeError, match=f"kv must be a PagedKVCache or a \\(k_pages, v_pages\\) "
+                                        f"pair; got {got}"):
+        _core.paged_inputs(np.zeros((1, 4, 64)), kv, None, "BatchDecode", "paged_decode", "NHD")

@@ -311,3 +311,9 @@ def test_balanced_waves_leave_two_waves_whole():
 def test_partition_tiles_errors(qo_lens, kv_lens, match):
     with pytest.raises(ValueError, match=match):
         planner.partition_tiles(np.array(qo_lens), np.array(kv_lens), 2, False, 1, num_sms=4)
+
+
+def test_negative_page_ids_at_plan_time():
+    """plan() checks page ids against no pool (num_pages 2^31 - 1): a negative one is named."""
+    with pytest.raises(ValueError, match=r"kv_indices\[1\]=-1 must be >= 0 \(a page id\)"):
+        planner.check_page_table(i32(0, 2), i32(3, -1), 2**31 - 1, 4, kv_lens=i32(5))
