@@ -114,6 +114,18 @@ def _lens_checked(pages: np.ndarray, page_size: int, kv_lens, kv_last_page_len) 
 
 # ---- index arrays ----------------------------------------------------------------------------
 
+def _lengths(lengths, name: str) -> np.ndarray:
+    """``lengths`` as a 1-D integer array of entries >= 0 (ValueError naming ``name``)."""
+    lengths = np.asarray(lengths)
+    if lengths.ndim != 1 or (lengths.size and lengths.dtype.kind not in "iu"):
+        raise ValueError(f"{name} must be a 1-D integer array; got {lengths.dtype} "
+                         f"of shape {lengths.shape}")
+    if lengths.size and lengths.min() < 0:
+        i = int(np.flatnonzero(lengths < 0)[0])
+        raise ValueError(f"{name} must be >= 0; got {name}[{i}]={lengths[i]}")
+    return lengths
+
+
 def cu_seqlens(lengths) -> np.ndarray:
     """Exclusive prefix sum of lengths: the indptr of a ragged batch.
 
@@ -130,13 +142,7 @@ def cu_seqlens(lengths) -> np.ndarray:
     >>> cu_seqlens(np.array([2, 3, 1], dtype=np.int32))
     array([0, 2, 5, 6], dtype=int32)
     """
-    lengths = np.asarray(lengths)
-    if lengths.ndim != 1 or (lengths.size and lengths.dtype.kind not in "iu"):
-        raise ValueError(f"lengths must be a 1-D integer array; got {lengths.dtype} "
-                         f"of shape {lengths.shape}")
-    if lengths.size and lengths.min() < 0:
-        i = int(np.flatnonzero(lengths < 0)[0])
-        raise ValueError(f"lengths must be >= 0; got lengths[{i}]={lengths[i]}")
+    lengths = _lengths(lengths, "lengths")
     if lengths.size and lengths.max() > _INT32_MAX:  # (before the sum: int64 could wrap)
         i = int(np.argmax(lengths))
         raise ValueError(f"the lengths must sum to at most {_INT32_MAX} (int32); got "
@@ -517,14 +523,7 @@ def partition_tiles(qo_lens, kv_lens, queries_per_item: int, causal: bool, ctas_
     >>> w.state.tolist(), w.state_stride.tolist(), w.merge_indptr.tolist()
     ([0, 1, 4, 5], [2, 2, 2, 2], [0, 2, 4, 6])
     """
-    qo_lens, kv_lens = np.asarray(qo_lens), np.asarray(kv_lens)
-    for name, lens in (("qo_lens", qo_lens), ("kv_lens", kv_lens)):
-        if lens.ndim != 1 or (lens.size and lens.dtype.kind not in "iu"):
-            raise ValueError(f"{name} must be a 1-D integer array; got {lens.dtype} of shape "
-                             f"{lens.shape}")
-        if lens.size and lens.min() < 0:
-            i = int(np.flatnonzero(lens < 0)[0])
-            raise ValueError(f"{name} must be >= 0; got {name}[{i}]={lens[i]}")
+    qo_lens, kv_lens = _lengths(qo_lens, "qo_lens"), _lengths(kv_lens, "kv_lens")
     if qo_lens.shape != kv_lens.shape:
         raise ValueError(f"qo_lens and kv_lens must have one entry a request; got "
                          f"{qo_lens.shape[0]} and {kv_lens.shape[0]}")
