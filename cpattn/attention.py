@@ -295,6 +295,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, sm_sc
     if not on_gpu:
         q, k, v = arrs.values()
         _core.check_head_dim(_check_qkv(q, k, v, "NHD")[2])  # the GPU's head dims on the CPU too
+        for name, x in (("custom_mask", custom_mask), ("packed_custom_mask", packed_custom_mask),
+                        ("mask_indptr", mask_indptr)):
+            if x is not None:
+                A.intake(x, name)  # arrays, as on the GPU path
         Options(causal, sm_scale, window_left, logits_soft_cap).check(
             custom_mask is not None or packed_custom_mask is not None)
         o, lse = reference.ragged_prefill(

@@ -496,8 +496,13 @@ def _new_pools(device, dtype, *shapes) -> tuple[list, bool]:
     on_gpu = (device or _default_device()) == "gpu"
     if on_gpu and A.cupy is None:
         raise ValueError("device='gpu' needs CuPy; install cpattn[cuda12] or [cuda13]")
-    xp = A.cupy if on_gpu else np
-    return [xp.empty(shape, dtype) for shape in shapes], on_gpu
+    if not on_gpu:
+        return [np.empty(shape, dtype) for shape in shapes], on_gpu
+    try:
+        return [A.cupy.empty(shape, dtype) for shape in shapes], on_gpu
+    except A.cupy.cuda.runtime.CUDARuntimeError as err:  # no GPU or driver: say which argument
+        raise RuntimeError(f"device='gpu' but CUDA has no usable GPU here ({err}); "
+                           "pass device='cpu' for NumPy pools") from None
 
 
 def _intake_pools(pools: dict, device) -> tuple[dict, bool]:

@@ -170,3 +170,9 @@ def test_graph_limits_are_checked(kwargs, error, match):
 def test_mask_errors_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _plan(**kwargs)
+
+
+def test_numpy_path_takes_masks_as_arrays_only():
+    with pytest.raises(TypeError, match="custom_mask must be a CuPy or NumPy array"):
+        cpattn.varlen_attention(Q, KV, KV, np.array([0, 5], np.int32), np.array([0, 9], np.int32),
+                                custom_mask=[True] * 45)

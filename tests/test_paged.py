@@ -589,3 +589,14 @@ def test_run_names_a_kv_that_is_not_a_pair(kv, got):
     with pytest.raises(TypeError, match=f"kv must be a PagedKVCache or a \\(k_pages, v_pages\\) "
                                         f"pair; got {got}"):
         _core.paged_inputs(np.zeros((1, 4, 64)), kv, None, "BatchDecode", "paged_decode", "NHD")
+
+
+def test_gpu_pools_without_a_gpu_say_so():
+    cupy = pytest.importorskip("cupy")
+    try:
+        cupy.cuda.runtime.getDeviceCount()
+        pytest.skip("a GPU is here")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pass
+    with pytest.raises(RuntimeError, match="device='gpu' but CUDA has no usable GPU here"):
+        PagedKVCache(4, 4, HEADS, DIM, "float16", device="gpu")
