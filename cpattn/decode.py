@@ -17,6 +17,7 @@ from . import _core, _tiles, planner
 from ._core import Options
 from .attention import _check_layout, attention_dtype
 
+
 def fuses_merge(cfg, head_dim: int, merge_indptr: np.ndarray) -> bool:
     """Whether a split plan's kernel merges its requests' states itself: Hopper decode tiles
     (``HopperDecodeTileConfig.fused_merge``) and at most ``FUSED_MERGE_MOST_CHUNKS`` chunks a
