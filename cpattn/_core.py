@@ -285,7 +285,9 @@ class PlanBuffer:
             self._host[offsets[name]:offsets[name] + len(arr)] = arr
         stream = stream or cupy.cuda.get_current_stream()
         self._device.data.copy_from_host_async(self._host.ctypes.data, total * 4, stream)
-        self._copied = stream.record()
+        if self._copied is None:  # one event, recorded by every plan (no timing: cheaper)
+            self._copied = cupy.cuda.Event(disable_timing=True)
+        self._copied.record(stream)
         base = self._device.data.ptr
         return {name: base + 4 * off if name in arrays else 0 for name, off in offsets.items()}
 
