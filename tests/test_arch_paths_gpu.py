@@ -133,3 +133,55 @@ def test_decode_on_both_paths(arch_path, head_dim, page_size, layout):
     out, lse = wrapper.run(cupy.asarray(q), (cupy.asarray(k), cupy.asarray(v)), return_lse=True)
     assert_close(cupy.asnumpy(out), ref_o, A.FLOAT16, "out")
     assert_close(cupy.asnumpy(lse), ref_lse, A.FLOAT32, "lse")
+
+
+# Blocks of keys a custom mask leaves visible (1) or empty (0): runs of 1 to 5 empty blocks
+# between visible ones. With blocks of a kernel's tile (64 or 128 keys on Hopper), a kernel must
+# free the stages of 1 to 5 skipped tiles while it still owes work on an earlier one.
+_BLOCKS = (1, 0, 1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1)
+
+
+@pytest.mark.parametrize("arch_path", PATHS, indirect=True)
+@pytest.mark.parametrize("head_dim, block, copies", ((64, 128, 1), (128, 128, 1), (256, 64, 1),
+                                                     (128, 128, 20)))
+@pytest.mark.parametrize("keys", ("ragged", "paged1", "paged16"))
+def test_custom_mask_with_runs_of_empty_tiles_on_both_paths(arch_path, head_dim, block, copies,
+                                                            keys):
+    """A custom mask whose visible keys come in blocks of a Hopper tile separated by 1 to 5
+    empty ones (random bits inside the visible blocks), `copies` requests of it (20: more works
+    than CTAs, so the stages run on across works) and a small last one: ragged keys (TMA tiles
+    on Hopper), paged with page_size 1 (cp.async tiles) and 16 (a TMA box a page)."""
+    import cupy
+    from cpattn import mask as cmask
+    rng = np.random.default_rng([head_dim, block, copies,
+                                 ("ragged", "paged1", "paged16").index(keys)])
+    qo_lens = (150,) * copies + (7,)
+    kv_lens = (block * len(_BLOCKS),) * copies + (40,)
+    visible = np.repeat(np.array(_BLOCKS, bool), block)
+    masks = [(rng.random((q, n)) < 0.7) & (visible if n == kv_lens[0] else True)
+             for q, n in zip(qo_lens, kv_lens)]
+    flat = cmask.flatten(masks)[0]
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    dtype = A.FLOAT16
+    q = rng.standard_normal((qo_indptr[-1], 8, head_dim)).astype(dtype)
+    if keys == "ragged":
+        kv_indptr = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+        _, k, v = random_qkv(rng, 0, kv_indptr[-1], 8, 2, head_dim, dtype)
+        ref_o, ref_lse = reference.ragged_prefill(q, k, v, qo_indptr, kv_indptr, custom_mask=flat)
+        poison_pool(q.nbytes, qo_indptr[-1] * 8 * 4)
+        out, lse = cpattn.varlen_attention(*to_device(q, k, v), qo_indptr, kv_indptr,
+                                           custom_mask=flat, return_lse=True)
+    else:
+        page_size = int(keys[5:])
+        k, v, kv_indptr, kv_indices, lens = paged_batch(rng, kv_lens, page_size, 2, head_dim,
+                                                        dtype, "NHD")
+        ref_o, ref_lse = reference.paged_prefill(q, k, v, qo_indptr, kv_indptr, kv_indices,
+                                                 kv_lens=lens, custom_mask=flat)
+        wrapper = cpattn.BatchPrefillPaged()
+        wrapper.plan(qo_indptr, kv_indptr, kv_indices, None, 8, 2, head_dim, page_size,
+                     kv_lens=lens, custom_mask=flat, dtype=dtype)
+        poison_pool(q.nbytes, qo_indptr[-1] * 8 * 4)
+        out, lse = wrapper.run(cupy.asarray(q), (cupy.asarray(k), cupy.asarray(v)),
+                               return_lse=True)
+    assert_close(cupy.asnumpy(out), ref_o, dtype, "out")
+    assert_close(cupy.asnumpy(lse), ref_lse, A.FLOAT32, "lse")
