@@ -253,6 +253,8 @@ class PlanBuffer:
         self._host = None
         self._copied = None  # event after the last copy: the pinned buffer is free again
         self._pinned = None  # the pinned block behind _host
+        self._sizes_key = self._offsets = None  # _layout's last sizes and their offsets
+        self._pointers_key = self._pointers = None  # upload's last pointers and what they hang on
 
     def __del__(self):
         # The pinned block must not return to CuPy's pool (and be handed to another plan) while
@@ -269,11 +271,7 @@ class PlanBuffer:
                 raise ValueError(f"{name} needs {len(arr)} entries but the fixed plan buffer "
                                  f"holds {sizes.get(name, 0)}; raise the maximum given at "
                                  "construction")
-        offsets, total = {}, 0
-        for name in PLAN_ARRAYS:
-            if name in sizes:
-                offsets[name] = total
-                total += -(-max(sizes[name], 1) // 4) * 4  # 16-byte aligned sub-arrays
+        offsets, total = self._layout(sizes)
         if self._copied is not None:  # the previous copy has read the pinned buffer
             self._copied.synchronize()
         _RETIRED[:] = [(event, block) for event, block in _RETIRED if not event.done]
@@ -289,7 +287,26 @@ class PlanBuffer:
             self._copied = cupy.cuda.Event(disable_timing=True)
         self._copied.record(stream)
         base = self._device.data.ptr
-        return {name: base + 4 * off if name in arrays else 0 for name, off in offsets.items()}
+        key = (base, offsets, tuple(arrays))
+        if key != self._pointers_key:  # the same arrays in the same places as the last plan's
+            self._pointers_key = key
+            self._pointers = {name: base + 4 * off if name in arrays else 0
+                              for name, off in offsets.items()}
+        return dict(self._pointers)
+
+    def _layout(self, sizes: dict) -> tuple[dict, int]:
+        """Offsets (in int32) of the arrays in the buffer, and its length: 16-byte aligned
+        sub-arrays in PLAN_ARRAYS order. Kept for the last sizes (a serving loop's plans often
+        repeat them, and capacities never change)."""
+        key = tuple(sizes.items())
+        if key != self._sizes_key:
+            offsets, total = {}, 0
+            for name in PLAN_ARRAYS:
+                if name in sizes:
+                    offsets[name] = total
+                    total += -(-max(sizes[name], 1) // 4) * 4
+            self._sizes_key, self._offsets = key, (offsets, total)
+        return self._offsets
 
 
 def paged_inputs(q, kv, out, wrapper: str, reference_op: str, kv_layout: str):

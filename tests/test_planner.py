@@ -317,3 +317,26 @@ def test_negative_page_ids_at_plan_time():
     """plan() checks page ids against no pool (num_pages 2^31 - 1): a negative one is named."""
     with pytest.raises(ValueError, match=r"kv_indices\[1\]=-1 must be >= 0 \(a page id\)"):
         planner.check_page_table(i32(0, 2), i32(3, -1), 2**31 - 1, 4, kv_lens=i32(5))
+
+
+@pytest.mark.gpu
+def test_plan_buffer_layouts_come_and_go():
+    """PlanBuffer keeps the last layout: plans of other sizes, of other array sets, then the
+    first again, each read back from the device at the pointers upload() returned."""
+    import cupy
+    from cpattn import _core
+    buf = _core.PlanBuffer()
+    rng = np.random.default_rng(0)
+    plans = [dict(num_items=np.array([3], np.int32), kv_indptr=np.arange(6, dtype=np.int32),
+                  kv_indices=rng.integers(0, 99, 9).astype(np.int32)),
+             dict(num_items=np.array([7], np.int32), kv_indptr=np.arange(2, dtype=np.int32),
+                  kv_indices=rng.integers(0, 99, 300).astype(np.int32)),
+             dict(num_items=np.array([1], np.int32), kv_lens=np.arange(5, dtype=np.int32))]
+    for arrays in plans + plans[:1] + plans[1:2]:
+        pointers = buf.upload(arrays)
+        cupy.cuda.get_current_stream().synchronize()
+        for name, arr in arrays.items():
+            mem = cupy.cuda.UnownedMemory(pointers[name], arr.nbytes, buf)
+            got = cupy.ndarray(arr.shape, np.int32, cupy.cuda.MemoryPointer(mem, 0))
+            np.testing.assert_array_equal(cupy.asnumpy(got), arr, err_msg=name)
+        assert all(ptr == 0 for name, ptr in pointers.items() if name not in arrays)
