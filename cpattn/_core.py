@@ -98,7 +98,7 @@ def check_head_dim(head_dim: int) -> None:
 def check_heads(num_qo_heads: int, num_kv_heads: int) -> int:
     num_qo_heads = planner.positive_int(num_qo_heads, "num_qo_heads")
     num_kv_heads = planner.positive_int(num_kv_heads, "num_kv_heads")
-    if num_kv_heads <= 0 or num_qo_heads <= 0 or num_qo_heads % num_kv_heads:
+    if num_qo_heads % num_kv_heads:
         raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a positive multiple of "
                          f"num_kv_heads ({num_kv_heads})")
     return num_qo_heads // num_kv_heads
@@ -254,7 +254,6 @@ class PlanBuffer:
         self._copied = None  # event after the last copy: the pinned buffer is free again
         self._pinned = None  # the pinned block behind _host
         self._sizes_key = self._offsets = None  # _layout's last sizes and their offsets
-        self._pointers_key = self._pointers = None  # upload's last pointers and what they hang on
 
     def __del__(self):
         # The pinned block must not return to CuPy's pool (and be handed to another plan) while
@@ -287,12 +286,7 @@ class PlanBuffer:
             self._copied = cupy.cuda.Event(disable_timing=True)
         self._copied.record(stream)
         base = self._device.data.ptr
-        key = (base, offsets, tuple(arrays))
-        if key != self._pointers_key:  # the same arrays in the same places as the last plan's
-            self._pointers_key = key
-            self._pointers = {name: base + 4 * off if name in arrays else 0
-                              for name, off in offsets.items()}
-        return dict(self._pointers)
+        return {name: base + 4 * off if name in arrays else 0 for name, off in offsets.items()}
 
     def _layout(self, sizes: dict) -> tuple[dict, int]:
         """Offsets (in int32) of the arrays in the buffer, and its length: 16-byte aligned
