@@ -50,8 +50,7 @@ class Options:
     logits_soft_cap: float = 0.0
 
     def check(self, has_mask: bool) -> None:
-        if not isinstance(self.causal, (bool, np.bool_)):
-            raise TypeError(f"causal must be a bool; got {type(self.causal).__name__}")
+        check_bool(self.causal, "causal")
         if self.sm_scale is not None:
             check_number(self.sm_scale, "sm_scale")
         check_number(self.logits_soft_cap, "logits_soft_cap")
@@ -78,6 +77,12 @@ class Options:
         params["window_left"] = min(self.window_left, 1 << 30)
         params["logits_scale"] = scale / cap if cap > 0 else scale * LOG2E
         params["soft_cap_log2"] = cap * LOG2E
+
+
+def check_bool(value, name: str) -> None:
+    """A bool (Python or NumPy): TypeError naming the argument otherwise ("no" is truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
 
 
 def check_number(value, name: str) -> None:

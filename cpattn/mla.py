@@ -231,8 +231,7 @@ class BatchMLA:
         _check_dims(head_dim_ckv, head_dim_kpe)
         num_heads = positive_int(num_heads, "num_heads")
         page_size = positive_int(page_size, "page_size")
-        if not isinstance(causal, (bool, np.bool_)):
-            raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+        _core.check_bool(causal, "causal")
         if sm_scale is not None:
             _core.check_number(sm_scale, "sm_scale")
         if kv_lens is None:
