@@ -232,11 +232,15 @@ class SplitMerge:
                                 cupy.empty((states, heads), np.float32))
         return self.buffers
 
-    def merge(self, indptr_ptr: int, rows: int, dtype):
-        from .merge import VarlenMerge
-        key = (id(self.buffers[0]), rows, dtype)
+    def merge(self, indptr_ptr: int, rows: int, dtype, max_states: Optional[int] = None):
+        """The merge of ``rows`` rows of at most ``max_states`` states each (None: not known)."""
+        from .merge import VarlenMerge, launch_shape
+        v = self.buffers[0]
+        shape = launch_shape(rows * v.shape[1], v.shape[2], 16 // v.itemsize, max_states,
+                             num_sms())
+        key = (id(v), rows, dtype, shape)
         if self._key != key:
-            self._merge = VarlenMerge(*self.buffers, 1, indptr_ptr, rows, dtype)
+            self._merge = VarlenMerge(*self.buffers, 1, indptr_ptr, rows, dtype, shape)
             self._key = key
         self._merge.set_indptr(indptr_ptr)
         return self._merge
@@ -537,7 +541,8 @@ class Launcher:
         self.params["partial_o"], self.params["partial_lse"] = (partial_o.data.ptr,
                                                                 partial_lse.data.ptr)
         rows = work.merge_indptr.shape[0] - 1
-        self.merge = (split.merge(indptr_ptr, rows, dtype), partial_o, partial_lse)
+        most = int(np.diff(work.merge_indptr).max(initial=0))  # states of the fullest row
+        self.merge = (split.merge(indptr_ptr, rows, dtype, most), partial_o, partial_lse)
         self._lse_scratch = split.lse_scratch
 
     def _encode_maps(self, k, v) -> None:

@@ -11,6 +11,9 @@ An empty state (``s = -inf``) contributes nothing; merging only empty states giv
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
 
 from . import _arrays as A
@@ -18,8 +21,10 @@ from . import _kernels, reference
 
 #: dtypes of v (lse is always float32).
 MERGE_DTYPES = (A.FLOAT16, A.BFLOAT16, A.FLOAT32)
-_ROW_THREADS = 128  # threads per block: rows_per_block = 128 // (head_dim / VEC)
-_STATE_LANES = 4  # split-KV merges: lanes of threads that share the states of a row
+_ROW_THREADS = 128  # threads per block: rows_per_block = 128 // (head_dim / VEC) (one state lane)
+_STATE_LANES = 4  # lanes of threads sharing a row's states when their count is not known
+_MOST_LANES = 16  # lanes when it is: one batch of _BATCH states a lane, up to 16 x 8 = 128 states
+_BATCH = 8  # states a thread loads before merging them: merge_view's BATCH
 
 #: Strides (in elements) of one input view of the kernel: ``StateView`` in merge_state.cu.
 _STATE_VIEW = np.dtype([(f, np.int64) for f in
@@ -102,6 +107,52 @@ def _check_v(v, name: str, ndim: int, on_gpu: bool) -> None:
     A.check_vector_aligned(v, name)
 
 
+@dataclass(frozen=True)
+class LaunchShape:
+    """How merge_state_kernel covers ``rows`` rows of ``dim`` elements (merge_state.cu): blocks
+    of ``threads_x`` x ``rows_per_block`` x ``lanes`` threads, ``slices`` blocks across a row's
+    dims."""
+    threads_x: int
+    rows_per_block: int
+    lanes: int
+    slices: int
+
+    def grid(self, rows: int) -> tuple[int, int]:
+        return (-(-rows // self.rows_per_block), self.slices)
+
+    def block(self) -> tuple[int, int, int]:
+        return (self.threads_x, self.rows_per_block, self.lanes)
+
+    def smem_bytes(self, vec: int) -> int:
+        """The lanes' normalised states (VEC values + lse a thread), when there are lanes."""
+        return self.lanes * self.rows_per_block * self.threads_x * (vec + 1) * 4 if self.lanes > 1 else 0
+
+
+def launch_shape(rows: int, dim: int, vec: int, max_states: Optional[int],
+                 num_sms: int = 132) -> LaunchShape:
+    """The mapping for rows of at most ``max_states`` states (None: not known, as a CUDA-graph
+    plan's): enough lanes that each loads one batch of 8 states (a few states: one lane, small
+    blocks, many of them on an SM); and when the rows are few (a long request split over the
+    keys), their dims cut into slices of at least 8 threads toward ``4 num_sms`` blocks.
+    On an H200, MLA with 16 heads (partials of 512 fp32 dims), against 4 lanes of whole rows
+    for every merge: B64 L4096 (1024 rows of 2 states) 2783 -> 3213 GB/s, 0.76x -> 0.88x
+    FlashInfer; B1 L32768 (16 rows of 128 states) 1201 -> 1447 GB/s (benchmarks/NOTES.md v17)."""
+    threads_x = dim // vec
+    if max_states is None:
+        lanes = _STATE_LANES
+    else:
+        lanes = min(_MOST_LANES, max(1, -(-max_states // _BATCH)))
+    slices = 1  # (only while a block holds one row: halving it otherwise packs more rows)
+    while (rows * slices < 4 * num_sms and threads_x % 2 == 0 and threads_x >= 16
+           and threads_x * lanes >= 2 * _ROW_THREADS):
+        threads_x //= 2
+        slices *= 2
+    while threads_x * lanes > 1024:
+        lanes //= 2
+    rows_per_block = max(1, _ROW_THREADS // (threads_x * lanes))
+    return LaunchShape(threads_x, rows_per_block, lanes, slices)
+
+
 def _view(v, s):
     """Element strides of v [n, S, H, D] and s [n, S, H] as the kernel's StateView."""
     vs, ss = A.element_strides(v), A.element_strides(s)
@@ -117,7 +168,8 @@ class VarlenMerge:
     kept across plans (``set_indptr`` follows the plan buffer); a call only passes the outputs.
     """
 
-    def __init__(self, v, s, state_stride: int, indptr_ptr: int, rows: int, out_dtype):
+    def __init__(self, v, s, state_stride: int, indptr_ptr: int, rows: int, out_dtype,
+                 shape: LaunchShape):
         heads, dim = v.shape[-2], v.shape[-1]
         view = np.array((0, state_stride * heads * dim, dim, 0, state_stride * heads, 1,
                          indptr_ptr), dtype=_STATE_VIEW)[()]
@@ -125,19 +177,13 @@ class VarlenMerge:
         kernel = _kernels.get_kernel(
             "merge_state", (_kernels.CTYPES[A.dtype_name(v.dtype)],
                             _kernels.CTYPES[A.dtype_name(np.dtype(out_dtype))]))
-        threads_x = dim // (16 // v.itemsize)
-        # Each row's states are folded by several lanes of threads (see merge_state.cu).
-        lanes = max(1, min(_STATE_LANES, 1024 // threads_x))
-        rows_per_block = max(1, _ROW_THREADS // threads_x)
         pointer = lambda x: np.uint64(x.data.ptr)
         self._out = [np.uint64(0), np.uint64(0)]  # v_out, s_out: set on each call
         args = [pointer(v), pointer(s), view, np.int32(0), pointer(v), pointer(s), no_states,
                 np.int32(0), *self._out, np.int32(rows), np.int32(heads), np.int32(dim)]
         from ._core import DirectLaunch
-        self.launch = DirectLaunch(kernel, (-(-rows * heads // rows_per_block),),
-                                   (threads_x, rows_per_block, lanes),
-                                   lanes * rows_per_block * threads_x * (16 // v.itemsize + 1) * 4,
-                                   args)
+        self.launch = DirectLaunch(kernel, shape.grid(rows * heads), shape.block(),
+                                   shape.smem_bytes(16 // v.itemsize), args)
         self._out = self.launch.args[8:10]
 
     def set_indptr(self, indptr_ptr: int) -> None:
@@ -157,13 +203,13 @@ def _launch(v_a, s_a, view_a, states_a, v_b, s_b, view_b, states_b, shape, strea
     rows = n * heads
     if rows == 0:
         return v_out, s_out
-    threads_x = dim // (16 // v_a.itemsize)
-    rows_per_block = max(1, _ROW_THREADS // threads_x)
+    from ._core import num_sms
+    vec = 16 // v_a.itemsize
+    shape = launch_shape(rows, dim, vec, states_a + states_b, num_sms())
     kernel = _kernels.get_kernel("merge_state", (_kernels.CTYPES[A.dtype_name(v_a.dtype)],
                                                  _kernels.CTYPES[A.dtype_name(v_out.dtype)]))
     args = (v_a, s_a, view_a, np.int32(states_a), v_b, s_b, view_b, np.int32(states_b),
             v_out, s_out, np.int32(n), np.int32(heads), np.int32(dim))
-    grid = ((rows + rows_per_block - 1) // rows_per_block,)
     with stream or cupy.cuda.get_current_stream():
-        kernel(grid, (threads_x, rows_per_block), args)
+        kernel(shape.grid(rows), shape.block(), args, shared_mem=shape.smem_bytes(vec))
     return v_out, s_out

@@ -291,7 +291,8 @@ class BatchMLA:
             partial_o, partial_lse = self._split.partials(states, num_heads, CKV_DIM, stream)
             params["partial_o"], params["partial_lse"] = partial_o.data.ptr, partial_lse.data.ptr
             rows = limits["total_q"] if limits else total_q
-            merge = self._split.merge(pointers["merge_indptr"], rows, dtype)
+            most = None if limits else int(np.diff(merge_indptr).max(initial=0))
+            merge = self._split.merge(pointers["merge_indptr"], rows, dtype, most)
         # One grid dimension, item-major: the kernel takes (item, head block) from blockIdx.x.
         # The Hopper kernel also takes tensor maps of the pools (encoded at run()).
         maps = np.zeros((), _tma.KV_MAPS_DTYPE) if cfg is _tiles.MLA_SM90 else None

@@ -2,11 +2,13 @@
 // state over their union (split-KV partials, cascade levels).
 //
 // Grid / block mapping:
-//   one row = one (token, head) pair; block = (head_dim / VEC, rows_per_block, state_lanes)
-//   threads, each thread owning VEC consecutive elements of its row's head_dim;
-//   grid.x = ceil(rows / rows_per_block). With state_lanes > 1, lane z of a row folds states
-//   z, z + lanes, ... and the lanes' states meet in shared memory (split-KV rows of a small
-//   batch hold a hundred states and more: one thread per element would read them one by one).
+//   one row = one (token, head) pair; block = (threads_x, rows_per_block, state_lanes), each
+//   thread owning VEC consecutive elements of its row's head_dim; grid = (ceil(rows /
+//   rows_per_block), head_dim / (threads_x VEC)): blockIdx.y is a slice of the dims (few rows,
+//   as one long request's split-KV partials, still fill the GPU). With state_lanes > 1, lane z of
+//   a row folds states z, z + lanes, ... and the lanes' states meet in shared memory (split-KV
+//   rows of a small batch hold a hundred states and more: one thread per element would read them
+//   one by one). merge.py's _launch_shape picks the mapping from the rows and states a row.
 // The states of a row are those of view a (num_states_a of them, stride_state apart) followed by
 // those of view b: merge_state(a, b) passes one state in each, merge_states(v, s) all in view a.
 // A view with an indptr is variable-length: row token's states are indptr[token]..indptr[token+1]
@@ -50,11 +52,14 @@ __device__ __forceinline__ void merge_view(SoftmaxState<Vec16<T>::N>& st, const 
                    ? s[row * view.s_token + (state0 + i) * view.s_state + head * view.s_head]
                    : NEG_INF;
     }
+    // v is loaded whatever its lse (an empty state's v is read but never used: merge() skips
+    // it), so that the loads of a batch wait for nothing.
 #pragma unroll
     for (int j = 0; j < BATCH; ++j) {
-      const long long state = state0 + i0 + j * lanes;
-      if (lse[j] != NEG_INF)  // empty (or past the end): its v is never read
-        load_vec(v + row * view.v_token + state * view.v_state + head * view.v_head + dim, vec[j]);
+      const int i = i0 + j * lanes;
+      if (i < num_states)
+        load_vec(v + row * view.v_token + (state0 + i) * view.v_state + head * view.v_head + dim,
+                 vec[j]);
     }
 #pragma unroll
     for (int j = 0; j < BATCH; ++j) st.merge(vec[j], lse[j]);  // merge() skips lse = -inf
@@ -75,7 +80,7 @@ __global__ void merge_state_kernel(const T* __restrict__ v_a,      // view a: v 
   const int row = blockIdx.x * blockDim.y + threadIdx.y;
   const bool active = row < num_tokens * num_heads;
   const int token = row / num_heads, head = row % num_heads;
-  const int dim = threadIdx.x * VEC;
+  const int dim = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
   const int lane = threadIdx.z, lanes = blockDim.z;
 
   SoftmaxState<VEC> st;
@@ -109,5 +114,5 @@ __global__ void merge_state_kernel(const T* __restrict__ v_a,      // view a: v 
   }
   if (!active) return;
   store_vec(v_out + static_cast<long long>(row) * head_dim + dim, v);
-  if (threadIdx.x == 0) s_out[row] = lse;
+  if (threadIdx.x == 0 && blockIdx.y == 0) s_out[row] = lse;
 }

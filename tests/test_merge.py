@@ -126,3 +126,54 @@ def test_merge_state_mixed_devices_rejected():
     s = np.zeros((2, 1), np.float32)
     with pytest.raises(ValueError, match="never copies between host and device"):
         cpattn.merge_state(cupy.asarray(v), s, v, s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (A.FLOAT32, A.BFLOAT16))
+@pytest.mark.parametrize("n, num_states, dim", [(1, 130, 512), (2, 17, 128), (300, 2, 512)])
+def test_merge_states_gpu_launch_shapes(dtype, n, num_states, dim):
+    """Few rows of many states (dims cut into slices, 16 lanes, two batches a lane) and many
+    rows of two (one lane); empty states hold NaN in v, which must not reach the output."""
+    import cupy
+    from cpattn.merge import launch_shape
+    rng = np.random.default_rng(num_states)
+    v, s = _states(rng, n, num_states, 3, dim, dtype)
+    v[np.isneginf(s)] = np.nan
+    s[0, :, 1] = -np.inf  # a row with no state
+    shape = launch_shape(n * 3, dim, 16 // np.dtype(dtype).itemsize, num_states)
+    if num_states == 130:
+        assert shape.slices > 1 and shape.lanes == 16, shape
+    ref_v, ref_s = reference.merge_states(np.nan_to_num(v), s)
+    poison_pool(ref_v.size * v.itemsize, ref_s.size * 4)
+    out, lse = cpattn.merge_states(cupy.asarray(v), cupy.asarray(s))
+    assert_close(cupy.asnumpy(out), ref_v, dtype, "v")
+    assert_close(cupy.asnumpy(lse), ref_s, A.FLOAT32, "lse")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", (128, 512))
+def test_varlen_merge_rows_of_many_and_few_states(dim):
+    """Split-KV partials [states, heads, dim] fp32 merged per row by an indptr: rows of 0 to
+    140 states, the launch shape picked from the fullest (and the shape for an unknown count)."""
+    import cupy
+    from cpattn.merge import VarlenMerge, launch_shape
+    counts = np.array([0, 1, 2, 9, 140, 3], np.int32)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    heads, rows = 2, len(counts)
+    rng = np.random.default_rng(dim)
+    v, s = _states(rng, 1, int(indptr[-1]), heads, dim, np.float32)
+    v, s = v[0], s[0]  # [states, heads, dim], [states, heads]
+    v[np.isneginf(s)] = np.nan
+    ref = [reference.merge_states(np.nan_to_num(v[None, a:b]), s[None, a:b])
+           for a, b in zip(indptr[:-1], indptr[1:])]
+    ref_v = np.concatenate([r[0] for r in ref])
+    ref_s = np.concatenate([r[1] for r in ref])
+    d_v, d_s, d_indptr = cupy.asarray(v), cupy.asarray(s), cupy.asarray(indptr)
+    for most in (int(counts.max()), None):
+        shape = launch_shape(rows * heads, dim, 4, most)
+        merge = VarlenMerge(d_v, d_s, 1, d_indptr.data.ptr, rows, np.float16, shape)
+        out = cupy.full((rows, heads, dim), np.nan, np.float16)
+        lse = cupy.full((rows, heads), np.nan, np.float32)
+        merge(out, lse)
+        assert_close(cupy.asnumpy(out), ref_v, np.float16, f"v (shape {shape})")
+        assert_close(cupy.asnumpy(lse), ref_s, A.FLOAT32, f"lse (shape {shape})")
