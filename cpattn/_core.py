@@ -520,7 +520,7 @@ class Launcher:
         # Hopper: K / V tensor maps for its bulk copies (encoded at run(), _encode_maps).
         self.maps = np.zeros((), _tma.KV_MAPS_DTYPE) if persistent else None
         self._maps_of = None  # (pointers, shapes, strides) the maps were encoded for
-        self._maps_kept = {}  # such keys -> their maps (_encode_maps)
+        self._maps_kept = _tma.MapsCache()  # such keys -> their maps
         self._box_rows, self.head_dim = cfg.tile, head_dim
         self.launch = DirectLaunch(_attention_kernel(cfg, dtype, head_dim),
                                    self._grid(grid_items), (cfg.threads,),
@@ -546,24 +546,14 @@ class Launcher:
         self._lse_scratch = split.lse_scratch
 
     def _encode_maps(self, k, v) -> None:
-        """Tensor maps of K and V (``_tma.row_boxes``), re-encoded when an array changes;
-        disabled (the kernel copies by cp.async) when the layout does not suit them. The maps
-        of the last ``MAPS_KEPT`` pairs of arrays are kept: a serving loop runs each layer on its
-        own pools, and encoding two maps costs more host time than the rest of a run()."""
+        """Tensor maps of K and V (``_tma.row_boxes``), re-encoded when an array changes (kept
+        per pair of arrays: ``_tma.MapsCache``); disabled (the kernel copies by cp.async) when
+        the layout does not suit them."""
         seen = (k.data.ptr, v.data.ptr, k.shape, v.shape, k.strides, v.strides)
         if seen == self._maps_of:
             return
-        kept = self._maps_kept.get(seen)
-        if kept is None:
-            self._encode_maps_now(k, v)
-            if len(self._maps_kept) >= self.MAPS_KEPT:
-                self._maps_kept.clear()
-            self._maps_kept[seen] = self.maps.copy()
-        else:
-            self.maps[...] = kept
+        self._maps_kept.fill(self.maps, seen, lambda maps: self._encode_maps_now(k, v))
         self._maps_of = seen
-
-    MAPS_KEPT = 1024  #: pairs of arrays whose maps a launcher keeps (384 bytes each)
 
     def _encode_maps_now(self, k, v) -> None:
         strides = [kv_strides(x, self.kv_layout, self.paged) for x in (k, v)]

@@ -94,6 +94,27 @@ def row_boxes(k_shape, strides, kv_layout: str, paged: bool, head_dim: int, tile
     return (rows, heads, box) if fits else None
 
 
+class MapsCache:
+    """Encoded tensor maps by the arrays they describe (pointers, shapes, strides, box): a
+    serving loop runs each layer on its own pools, and encoding two maps costs more host time
+    than the rest of a run(). Keeps the last ``MOST`` keys."""
+    MOST = 1024  #: 384 bytes of maps each
+
+    def __init__(self):
+        self._kept = {}
+
+    def fill(self, out: np.ndarray, key, encode) -> None:
+        """``out[...]`` = the maps kept for ``key``; else ``encode(out)``, then kept."""
+        kept = self._kept.get(key)
+        if kept is not None:
+            out[...] = kept
+            return
+        encode(out)
+        if len(self._kept) >= self.MOST:
+            self._kept.clear()
+        self._kept[key] = out.copy()
+
+
 def mla_row_boxes(ckv_shape, strides, tile: int):
     """How the Hopper MLA kernel reads the latent pools by TMA: ``(rows, box_rows)`` (the pools'
     page slots as rows, one box a page), or None when it must copy by cp.async.

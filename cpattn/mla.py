@@ -224,6 +224,7 @@ class BatchMLA:
         self._split = _core.SplitMerge("BatchMLA", fixed=use_cuda_graph)
         self._outputs = None   # graph mode: (out, lse) of max_total_q rows
         self._pool_pages = None  # graph mode: pages of the pools the first run saw
+        self._maps_kept = _tma.MapsCache()  # Hopper: tensor maps of the pools seen
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, kv_lens, num_heads, head_dim_ckv,
              head_dim_kpe, page_size, *, causal=False, sm_scale, dtype="bfloat16", stream=None):
@@ -366,15 +367,21 @@ class BatchMLA:
 
     def _encode_maps(self, ckv_cache, kpe_cache) -> None:
         """Tensor maps of the ckv and kpe pools as rows of page slots (``_tma.mla_row_boxes``),
-        re-encoded when a pool changes; disabled (cp.async) when their layout does not suit."""
+        re-encoded when a pool changes (kept per pair of pools and tile: ``_tma.MapsCache``);
+        disabled (cp.async) when their layout does not suit."""
         plan = self._plan
         seen = (ckv_cache.data.ptr, kpe_cache.data.ptr, ckv_cache.shape, ckv_cache.strides,
-                kpe_cache.strides)
+                kpe_cache.strides, plan["tile"])
         if seen == plan["maps_of"]:
             return
+        self._maps_kept.fill(plan["maps"], seen,
+                             lambda maps: self._encode_maps_now(maps, ckv_cache, kpe_cache))
+        plan["maps_of"] = seen
+
+    def _encode_maps_now(self, maps, ckv_cache, kpe_cache) -> None:
         strides = [A.element_strides(x) for x in (ckv_cache, kpe_cache)]
-        boxes = _tma.mla_row_boxes(ckv_cache.shape, strides, plan["tile"])
-        maps, enabled = plan["maps"], boxes is not None
+        boxes = _tma.mla_row_boxes(ckv_cache.shape, strides, self._plan["tile"])
+        enabled = boxes is not None
         if enabled:
             rows, box = boxes
             try:
@@ -384,7 +391,6 @@ class BatchMLA:
             except RuntimeError:  # a layout the driver's limits reject: copy by cp.async
                 enabled = False
         maps["enabled"] = int(enabled)
-        plan["maps_of"] = seen
 
     def _check_run(self, q_nope, q_pe, ckv_cache, kpe_cache) -> None:
         """Full checks the first time a layout is seen; then only the base alignment."""

@@ -109,11 +109,15 @@ def test_non_causal_multi_token_and_long_queries():
 
 
 def test_other_head_counts():
-    """8 heads (two queries share a 16-row CTA) and 48 (three 16-head blocks; one 64-row block
-    of the wgmma kernel on Hopper)."""
+    """8 heads (two queries share a 16-row CTA), 4 heads of 4 queries, and 48 (three 16-head
+    blocks; one 64-row block of the wgmma kernel on Hopper)."""
     rng = np.random.default_rng(48)
     run_and_check(rng, 8, 16, [100, 1], [1, 1], A.FLOAT16)
     run_and_check(rng, 48, 16, [100, 1], [2, 1], A.FLOAT16, causal=True)
+    # 16 rows of several queries each (causal inside a CTA's rows): pages of 5 (cp.async) and
+    # 64 (TMA on Hopper)
+    run_and_check(rng, 8, 5, [70, 2, 0], [2, 2, 1], A.BFLOAT16, causal=True)
+    run_and_check(rng, 4, 64, [300, 129], [4, 3], A.FLOAT16, causal=True)
 
 
 def test_views_of_one_576_array_and_cache_append():

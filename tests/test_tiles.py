@@ -124,7 +124,7 @@ def _launcher_stub(paged):
     stub = object.__new__(_core.Launcher)  # no kernel, no launch: the map fields only
     stub.maps = np.zeros((), _tma.KV_MAPS_DTYPE)
     stub.kv_layout, stub.paged, stub.head_dim, stub._box_rows, stub._maps_of = "NHD", paged, 128, 128, None
-    stub._maps_kept = {}
+    stub._maps_kept = _tma.MapsCache()
     return stub
 
 
@@ -186,3 +186,27 @@ def test_split_decode_merges_in_the_kernel_on_hopper_up_to_32_chunks():
     assert decode.fuses_merge(hopper[64], 64, chunks(2, 2))
     assert not decode.fuses_merge(hopper[256], 256, chunks(2, 2))  # its registers would spill
     assert not decode.fuses_merge(ampere[128], 128, chunks(2, 2))  # merge_state's kernel
+
+
+def test_mla_maps_of_pools_seen_before_are_not_encoded_again(monkeypatch):
+    """BatchMLA keeps the tensor maps of every pair of latent pools it ran on (layers, or input
+    sets a benchmark rotates): a pool seen before costs no encoding."""
+    from cpattn import _tma, mla
+    calls = []
+
+    def encode(out, ptr, *args):
+        calls.append(ptr)
+        out[:] = ptr
+
+    monkeypatch.setattr(_tma, "encode_rows", encode)
+    wrapper = mla.BatchMLA()
+    wrapper._plan = dict(maps=np.zeros((), _tma.KV_MAPS_DTYPE), maps_of=None, tile=64)
+    layers = [(_FakeArray((40, 64, 512), (2 * i + 1) << 20),
+               _FakeArray((40, 64, 64), (2 * i + 2) << 20)) for i in range(3)]
+    for _ in range(4):
+        for ckv, kpe in layers:
+            wrapper._encode_maps(ckv, kpe)
+            maps = wrapper._plan["maps"]
+            assert int(maps["enabled"]) == 1
+            assert int(maps["k"][0]) == ckv.data.ptr and int(maps["v"][0]) == kpe.data.ptr
+    assert len(calls) == 6  # each pair's two maps, once
