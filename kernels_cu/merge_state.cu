@@ -8,7 +8,7 @@
 //   as one long request's split-KV partials, still fill the GPU). With state_lanes > 1, lane z of
 //   a row folds states z, z + lanes, ... and the lanes' states meet in shared memory (split-KV
 //   rows of a small batch hold a hundred states and more: one thread per element would read them
-//   one by one). merge.py's _launch_shape picks the mapping from the rows and states a row.
+//   one by one). merge.py's launch_shape picks the mapping from the rows and states a row.
 // The states of a row are those of view a (num_states_a of them, stride_state apart) followed by
 // those of view b: merge_state(a, b) passes one state in each, merge_states(v, s) all in view a.
 // A view with an indptr is variable-length: row token's states are indptr[token]..indptr[token+1]
