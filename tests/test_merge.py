@@ -177,3 +177,21 @@ def test_varlen_merge_rows_of_many_and_few_states(dim):
         merge(out, lse)
         assert_close(cupy.asnumpy(out), ref_v, np.float16, f"v (shape {shape})")
         assert_close(cupy.asnumpy(lse), ref_s, A.FLOAT32, f"lse (shape {shape})")
+
+
+@pytest.mark.parametrize("rows", (1, 3, 16, 600, 5000))
+@pytest.mark.parametrize("dim, vec", [(512, 4), (128, 4), (128, 8), (256, 8), (40, 8), (8, 8)])
+@pytest.mark.parametrize("max_states", (None, 0, 1, 2, 8, 9, 40, 128, 1000))
+def test_merge_launch_shape_covers_every_row_and_dim(rows, dim, vec, max_states):
+    """Blocks of at most 1024 threads whose slices tile each row's dims exactly; one lane for
+    up to 8 states, and dims sliced only while a block holds a single row."""
+    from cpattn.merge import launch_shape
+    shape = launch_shape(rows, dim, vec, max_states, num_sms=132)
+    x, per_block, lanes = shape.block()
+    assert x * per_block * lanes <= 1024
+    assert shape.slices * x * vec == dim
+    assert shape.grid(rows)[0] * per_block >= rows
+    if max_states is not None and max_states <= 8:
+        assert lanes == 1
+    if shape.slices > 1:
+        assert per_block == 1 and x >= 8
