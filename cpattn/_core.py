@@ -232,9 +232,12 @@ class SplitMerge:
                                 cupy.empty((states, heads), np.float32))
         return self.buffers
 
-    def merge(self, indptr_ptr: int, rows: int, dtype, max_states: Optional[int] = None):
-        """The merge of ``rows`` rows of at most ``max_states`` states each (None: not known)."""
+    def merge(self, indptr_ptr: int, rows: int, dtype, merge_indptr=None):
+        """The merge of ``rows`` rows; ``merge_indptr`` (host) sizes its launch to the fullest
+        row (None: the count is not known, as in a CUDA-graph plan, whose later plans may hold
+        more states a row)."""
         from .merge import VarlenMerge, launch_shape
+        max_states = None if merge_indptr is None else int(np.diff(merge_indptr).max(initial=0))
         v = self.buffers[0]
         shape = launch_shape(rows * v.shape[1], v.shape[2], 16 // v.itemsize, max_states,
                              num_sms())
@@ -541,8 +544,8 @@ class Launcher:
         self.params["partial_o"], self.params["partial_lse"] = (partial_o.data.ptr,
                                                                 partial_lse.data.ptr)
         rows = work.merge_indptr.shape[0] - 1
-        most = int(np.diff(work.merge_indptr).max(initial=0))  # states of the fullest row
-        self.merge = (split.merge(indptr_ptr, rows, dtype, most), partial_o, partial_lse)
+        self.merge = (split.merge(indptr_ptr, rows, dtype, work.merge_indptr), partial_o,
+                      partial_lse)
         self._lse_scratch = split.lse_scratch
 
     def _encode_maps(self, k, v) -> None:

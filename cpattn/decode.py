@@ -146,9 +146,8 @@ class BatchDecode:
             params["partial_o"], params["partial_lse"] = partial_o.data.ptr, partial_lse.data.ptr
         if split and not fused:
             rows = limits.max_batch_size if limits else batch
-            # (graph mode: later plans may hold more states a row than this one)
-            most = None if limits else int(np.diff(merge_indptr).max(initial=0))
-            merge = self._split.merge(pointers["merge_indptr"], rows, dtype, most)
+            merge = self._split.merge(pointers["merge_indptr"], rows, dtype,
+                                      None if limits else merge_indptr)
         self._plan = dict(launch=launch, heads=(num_qo_heads, num_kv_heads), head_dim=head_dim,
                           dtype=dtype, batch=batch, page_size=page_size, kv_layout=kv_layout,
                           split=split, merge=merge, fused=fused,

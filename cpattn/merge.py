@@ -125,7 +125,9 @@ class LaunchShape:
 
     def smem_bytes(self, vec: int) -> int:
         """The lanes' normalised states (VEC values + lse a thread), when there are lanes."""
-        return self.lanes * self.rows_per_block * self.threads_x * (vec + 1) * 4 if self.lanes > 1 else 0
+        if self.lanes == 1:
+            return 0
+        return self.lanes * self.rows_per_block * self.threads_x * (vec + 1) * 4
 
 
 def launch_shape(rows: int, dim: int, vec: int, max_states: Optional[int],

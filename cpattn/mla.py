@@ -292,8 +292,8 @@ class BatchMLA:
             partial_o, partial_lse = self._split.partials(states, num_heads, CKV_DIM, stream)
             params["partial_o"], params["partial_lse"] = partial_o.data.ptr, partial_lse.data.ptr
             rows = limits["total_q"] if limits else total_q
-            most = None if limits else int(np.diff(merge_indptr).max(initial=0))
-            merge = self._split.merge(pointers["merge_indptr"], rows, dtype, most)
+            merge = self._split.merge(pointers["merge_indptr"], rows, dtype,
+                                      None if limits else merge_indptr)
         # One grid dimension, item-major: the kernel takes (item, head block) from blockIdx.x.
         # The Hopper kernel also takes tensor maps of the pools (encoded at run()).
         maps = np.zeros((), _tma.KV_MAPS_DTYPE) if cfg is _tiles.MLA_SM90 else None
@@ -375,12 +375,13 @@ class BatchMLA:
         if seen == plan["maps_of"]:
             return
         self._maps_kept.fill(plan["maps"], seen,
-                             lambda maps: self._encode_maps_now(maps, ckv_cache, kpe_cache))
+                             lambda maps: self._encode_maps_now(maps, ckv_cache, kpe_cache,
+                                                                plan["tile"]))
         plan["maps_of"] = seen
 
-    def _encode_maps_now(self, maps, ckv_cache, kpe_cache) -> None:
+    def _encode_maps_now(self, maps, ckv_cache, kpe_cache, tile: int) -> None:
         strides = [A.element_strides(x) for x in (ckv_cache, kpe_cache)]
-        boxes = _tma.mla_row_boxes(ckv_cache.shape, strides, self._plan["tile"])
+        boxes = _tma.mla_row_boxes(ckv_cache.shape, strides, tile)
         enabled = boxes is not None
         if enabled:
             rows, box = boxes
