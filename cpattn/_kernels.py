@@ -33,7 +33,7 @@ VARIANTS: dict[str, list[tuple[str, ...]]] = {
     "batch_attention_sm90": _tiles.hopper_variants(),
     # batch_decode_sm90_kernel<T, HEAD_DIM, TILE, STAGES, CTAS>: _tiles.py (sm_90a).
     "batch_decode_sm90": _tiles.hopper_decode_variants(),
-    # mla_attention_kernel<T, M_TILES, WARPS, TILE, STAGES>: _tiles.py.
+    # mla_attention_kernel<T, M_TILES, WARPS, TILE, STAGES, KSPLIT>: _tiles.py.
     "mla_attention": _tiles.mla_variants(),
     # mla_attention_sm90_kernel<T, TILE, STAGES>: _tiles.py (sm_90a).
     "mla_attention_sm90": _tiles.mla_hopper_variants(),

@@ -12,12 +12,16 @@
 // dimension of both products, so each key tile is read from memory once for all of them.
 // Tiles of TILE keys (rows of 72 16-byte chunks: 64 of ckv, 8 of kpe) stream through STAGES
 // shared-memory buffers with cp.async; keys past the item's range are zero-filled (the ckv chunk
-// is V: 0 * NaN would poison the output) and masked. Per tile:
-//   S = Q K^T   warp w computes all ROWS rows against keys [w * WARP_KEYS, +WARP_KEYS) (576 deep)
-//   softmax     the warps' row maxima meet in shared memory; P goes there too, as T
+// is V: 0 * NaN would poison the output) and masked. Per tile, with KEY_WARPS = WARPS / KSPLIT:
+//   S = Q K^T   warp w computes all ROWS rows against keys [k * WARP_KEYS, +WARP_KEYS), k = w %
+//               KEY_WARPS, over part w / KEY_WARPS of the 576 dims (all of them when KSPLIT is
+//               1); the other parts' sums reach part 0's warp through shared memory
+//   softmax     part 0's warps: row maxima meet in shared memory; P goes there too, as T
 //   O += P V    warp w accumulates output dims [w * WARP_DIMS, +WARP_DIMS) over all TILE keys
+// Splitting the 576 dims of S (KSPLIT 2) lets 8 warps share a 64-key tile at 16 rows: twice the
+// warps a scheduler can switch between while a product or a shared-memory load is in flight.
 // Every warp follows the same running maxima, so each keeps its own part of the denominators
-// (over its keys) and of O (over its dims); the denominators are summed at the end.
+// (over its keys; 0 for parts past 0) and of O (over its dims); they are summed at the end.
 #include "common/dtypes.cuh"
 #include "common/state.cuh"
 #include "common/mma.cuh"
@@ -30,19 +34,23 @@ using namespace cpattn;
 constexpr int CKV_DIM = MLA_CKV_DIM;
 constexpr int ROW_CHUNKS = MLA_ROW_CHUNKS;  // 16-byte chunks of a [ckv | kpe] key or q row: 72
 
-template <typename T, int M_TILES, int WARPS, int TILE, int STAGES>
+template <typename T, int M_TILES, int WARPS, int TILE, int STAGES, int KSPLIT>
 __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAParams p) {
   constexpr int ROWS = 16 * M_TILES;
   constexpr int THREADS = 32 * WARPS;
-  constexpr int WARP_KEYS = TILE / WARPS;    // keys of S per warp
-  constexpr int WARP_DIMS = CKV_DIM / WARPS; // output dims per warp
+  constexpr int KEY_WARPS = WARPS / KSPLIT;      // warps across a tile's keys in S
+  constexpr int WARP_KEYS = TILE / KEY_WARPS;    // keys of S per warp
+  constexpr int STEPS = ROW_CHUNKS / 2 / KSPLIT; // 16-dim steps of S per warp (36 / KSPLIT)
+  constexpr int WARP_DIMS = CKV_DIM / WARPS;     // output dims per warp
+  constexpr int S_FRAG = M_TILES * (WARP_KEYS / 8) * 4;  // a thread's elements of a warp's S
   // P rows padded by 16 bytes: eight rows read by one ldmatrix fall in eight bank groups.
   constexpr int P_STRIDE = TILE + 8;
+  static_assert(WARPS % KSPLIT == 0 && (ROW_CHUNKS / 2) % KSPLIT == 0, "parts split evenly");
   static_assert(WARP_KEYS % 16 == 0 && WARP_DIMS % 16 == 0, "warps take whole 16-wide steps");
   static_assert(STAGES >= 2, "cp.async pipeline needs two stages at least");
   // Independent accumulator sets of S (see below): as many as the registers allow.
-  constexpr int ACC = M_TILES == 1 ? 4 : 2;
-  static_assert((ROW_CHUNKS / 2) % ACC == 0, "the 36 steps of S split evenly");
+  constexpr int ACC = M_TILES == 1 && STEPS % 4 == 0 ? 4 : STEPS % 2 == 0 ? 2 : 3;
+  static_assert(STEPS % ACC == 0, "the steps of S split evenly");
 
   WorkItem w;
   if (!load_work_item<ROWS>(p, p.num_heads / p.group_size, w)) return;
@@ -54,8 +62,10 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
   uint4* kv_tiles = q_tile + ROWS * ROW_CHUNKS;                 // [STAGES][TILE][ROW_CHUNKS]
   T* p_tile = reinterpret_cast<T*>(kv_tiles + STAGES * TILE * ROW_CHUNKS);  // [ROWS][P_STRIDE]
   float* row_red = reinterpret_cast<float*>(p_tile + ROWS * P_STRIDE);     // [WARPS][ROWS]
+  float* s_parts = row_red + WARPS * ROWS;  // [KSPLIT - 1][KEY_WARPS][S_FRAG][32]
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int key_warp = warp % KEY_WARPS, part = warp / KEY_WARPS;
   using Layout = SwizzledRows<ROW_CHUNKS>;
   issue_mla_q_rows<Layout, T, ROWS, THREADS>(p, w, q_tile);
   MLATiles<Layout, T, THREADS, TILE, STAGES> tiles(p, kv_tiles, w, num_tiles);
@@ -70,7 +80,8 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
     m[mt][0] = m[mt][1] = NEG_INF;
     d[mt][0] = d[mt][1] = 0.f;
   }
-  const int warp_key0 = warp * WARP_KEYS, warp_chunk0 = warp * WARP_DIMS / 8;
+  const int warp_key0 = key_warp * WARP_KEYS, warp_chunk0 = warp * WARP_DIMS / 8;
+  const int step0 = part * STEPS;  // this warp's first 16-dim step of S
   const float scale = p.logits_scale;
 
   for (int t = 0; t < num_tiles; ++t) {
@@ -81,9 +92,9 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
     const uint4* kv = tiles.stage(t);
     const int first_key = kv_begin + t * TILE + warp_key0;  // within the request
 
-    // S = Q K^T: all rows x this warp's keys, over the 576 dims of [ckv | kpe]. The 36 steps
-    // of 16 dims go round-robin into ACC sets of accumulators, summed at the end: a single set
-    // would chain 36 dependent MMAs, and a few warps per SM cannot hide that latency.
+    // S = Q K^T: all rows x this warp's keys, over its part of the 576 dims of [ckv | kpe].
+    // The steps of 16 dims go round-robin into ACC sets of accumulators, summed at the end: a
+    // single set would chain dependent MMAs, and a few warps per SM cannot hide that latency.
     float acc[ACC][M_TILES][WARP_KEYS / 8][4];
 #pragma unroll
     for (int a = 0; a < ACC; ++a)
@@ -93,10 +104,10 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
         for (int n = 0; n < WARP_KEYS / 8; ++n)
           acc[a][mt][n][0] = acc[a][mt][n][1] = acc[a][mt][n][2] = acc[a][mt][n][3] = 0.f;
 #pragma unroll 2
-    for (int k0 = 0; k0 < ROW_CHUNKS / 2; k0 += ACC) {
+    for (int k0 = 0; k0 < STEPS; k0 += ACC) {
 #pragma unroll
       for (int a = 0; a < ACC; ++a) {
-        const int kk = k0 + a;
+        const int kk = step0 + k0 + a;
         unsigned qa[M_TILES][4];
 #pragma unroll
         for (int mt = 0; mt < M_TILES; ++mt)
@@ -124,17 +135,34 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[mt][n][e] += acc[a][mt][n][e];
 
+    if constexpr (KSPLIT > 1) {  // the other parts' sums of S into part 0's warp
+      float* mine = &s[0][0][0];
+      float* pair = s_parts + key_warp * S_FRAG * 32 + lane;
+      if (part > 0) {
 #pragma unroll
-    for (int mt = 0; mt < M_TILES; ++mt) mla_mask_block<WARP_KEYS>(s[mt], p, w, mt * 16, first_key);
-
-    // Row maxima of this warp's keys, then of the whole tile (through shared memory).
-#pragma unroll
-    for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float mx = quad_row_max(s[mt], h);
-        if (lane % 4 == 0) row_red[warp * ROWS + mt * 16 + lane / 4 + 8 * h] = mx;
+        for (int e = 0; e < S_FRAG; ++e) pair[((part - 1) * KEY_WARPS * S_FRAG + e) * 32] = mine[e];
       }
+      named_barrier_sync(1 + key_warp, 32 * KSPLIT);  // the warps of these keys only
+      if (part == 0) {
+#pragma unroll
+        for (int q = 1; q < KSPLIT; ++q)
+#pragma unroll
+          for (int e = 0; e < S_FRAG; ++e) mine[e] += pair[((q - 1) * KEY_WARPS * S_FRAG + e) * 32];
+      }
+    }
+
+    // Part 0: row maxima of this warp's keys, then of the whole tile (through shared memory).
+    if (part == 0) {
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt) mla_mask_block<WARP_KEYS>(s[mt], p, w, mt * 16, first_key);
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float mx = quad_row_max(s[mt], h);
+          if (lane % 4 == 0) row_red[key_warp * ROWS + mt * 16 + lane / 4 + 8 * h] = mx;
+        }
+    }
     __syncthreads();
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
@@ -143,7 +171,7 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
         const int row = mt * 16 + lane / 4 + 8 * h;
         float tile_max = NEG_INF;
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) tile_max = fmaxf(tile_max, row_red[w * ROWS + row]);
+        for (int k = 0; k < KEY_WARPS; ++k) tile_max = fmaxf(tile_max, row_red[k * ROWS + row]);
         const float m_new = fmaxf(m[mt][h], tile_max * scale);  // scale > 0: max commutes with it
         // A row with no visible key yet keeps m = -inf: subtract 0, never -inf - -inf = NaN.
         const float m_ref = m_new == NEG_INF ? 0.f : m_new;
@@ -157,6 +185,7 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
             o[mt][n][2 * h + 1] *= rescale;
           }
         }
+        if (part > 0) continue;  // P and the denominators are part 0's
 #pragma unroll
         for (int n = 0; n < WARP_KEYS / 8; ++n) {
           const float p0 = exp2f(fmaf(s[mt][n][2 * h], scale, -m_ref));
