@@ -215,6 +215,7 @@ class SplitMerge:
         self.wrapper, self.fixed = wrapper, fixed
         self.buffers = None
         self._merge = self._key = None
+        self._counters = None
         self.lse_scratch = []  # the lse a merge writes when run() is not asked for one
 
     def partials(self, states: int, heads: int, head_dim: int, stream=None):
@@ -231,6 +232,16 @@ class SplitMerge:
                 self.buffers = (cupy.empty((states, heads, head_dim), np.float32),
                                 cupy.empty((states, heads), np.float32))
         return self.buffers
+
+    def counters(self, count: int, stream=None):
+        """The counters of a merge fused into the attention kernel (common/fused_merge.cuh),
+        ``count`` of them, zero between runs (each run's last chunks set theirs back); grown on
+        the plan's stream."""
+        import cupy
+        if self._counters is None or self._counters.size < count:
+            with stream or cupy.cuda.get_current_stream():
+                self._counters = cupy.zeros(max(count, 1), np.int32)
+        return self._counters
 
     def merge(self, indptr_ptr: int, rows: int, dtype, merge_indptr=None):
         """The merge of ``rows`` rows; ``merge_indptr`` (host) sizes its launch to the fullest

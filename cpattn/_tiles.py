@@ -217,6 +217,12 @@ class MLATileConfig:
 #: 4-5 stages of 32-key tiles, gain nothing or lose).
 MLA_TILES = (MLATileConfig(1, 8, 64, 2, 2), MLATileConfig(2, 4, 64, 2))
 
+#: A split query tile of the mma.sync MLA kernel is merged by the CTA of its last chunk up to
+#: this many chunks; beyond, by merge_state (one CTA reading them all becomes the tail). H200,
+#: 16 heads, GB/s merge_state / fused: B64 L4096 (2 chunks) 3420 / 3525, B32 L16384 (4) 3800 /
+#: 3760, B16 L4096 (8) 2310 / 2110.
+MLA_FUSED_MOST_CHUNKS = 2
+
 
 @dataclass(frozen=True)
 class HopperMLATileConfig:

@@ -85,7 +85,6 @@ class BatchDecode:
         self._launch = self._launch_key = None
         self._graph_key = None  # graph mode: what the first plan fixed
         self._pool_pages = None  # graph mode: pages of the pools the first run saw
-        self._counters = None  # the fused merge's counters (_merge_counters)
 
     def plan(self, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
              page_size, *, kv_lens=None, window_left=-1,
@@ -140,7 +139,7 @@ class BatchDecode:
         params["partial_o"] = params["partial_lse"] = params["merge_counters"] = 0
         merge = None
         if fused:
-            params["merge_counters"] = self._merge_counters(batch * num_kv_heads, stream).data.ptr
+            params["merge_counters"] = self._split.counters(batch * num_kv_heads, stream).data.ptr
         if split:
             partial_o, partial_lse = self._split.partials(grid, num_qo_heads, head_dim, stream)
             params["partial_o"], params["partial_lse"] = partial_o.data.ptr, partial_lse.data.ptr
@@ -152,15 +151,6 @@ class BatchDecode:
                           dtype=dtype, batch=batch, page_size=page_size, kv_layout=kv_layout,
                           split=split, merge=merge, fused=fused,
                           max_page=int(kv_indices.max(initial=-1)), checked=None)
-
-    def _merge_counters(self, count: int, stream=None):
-        """The fused merge's counters, one per (request, head block), zero between runs (each
-        run's last chunks set theirs back); grown on the plan's stream."""
-        import cupy
-        if self._counters is None or self._counters.size < count:
-            with stream or cupy.cuda.get_current_stream():
-                self._counters = cupy.zeros(max(count, 1), np.int32)
-        return self._counters
 
     @property
     def fixed_outputs(self):

@@ -29,7 +29,8 @@ CKV_DIM, KPE_DIM = _tiles.MLA_CKV_DIM, _tiles.MLA_KPE_DIM
 
 _PTR_FIELDS = ("q_nope", "q_pe", "ckv", "kpe", "o", "lse", "partial_o", "partial_lse",
                "qo_indptr", "kv_indptr", "kv_indices", "kv_lens", "num_items", "item_request",
-               "item_q_start", "item_kv_start", "item_kv_end", "item_state", "item_state_stride")
+               "item_q_start", "item_kv_start", "item_kv_end", "item_state", "item_state_stride",
+               "merge_indptr", "merge_counters")
 _STRIDE_FIELDS = ("q_nope_stride_token", "q_nope_stride_head", "q_pe_stride_token",
                   "q_pe_stride_head", "ckv_stride_page", "ckv_stride_slot", "kpe_stride_page",
                   "kpe_stride_slot")
@@ -153,6 +154,22 @@ def check_pools(ckv_cache, kpe_cache, dtype, pages_shape=None) -> None:
 
 
 # ---- the wrapper -----------------------------------------------------------------------------
+
+def fuses_merge(cfg, merge_indptr: np.ndarray) -> bool:
+    """Whether a split plan's kernel merges its states itself: the mma.sync tiles (whose CTA that
+    finishes a query tile's last chunk merges its rows), at most ``_tiles.MLA_FUSED_MOST_CHUNKS``
+    chunks a query tile (one CTA reads them all; beyond, merge_state's many CTAs are faster).
+
+    >>> fuses_merge(_tiles.MLA_TILES[0], np.array([0, 2, 4, 6]))
+    True
+    >>> fuses_merge(_tiles.MLA_TILES[0], np.array([0, 3, 4]))
+    False
+    >>> fuses_merge(_tiles.MLA_SM90, np.array([0, 2, 4, 6]))
+    False
+    """
+    return (isinstance(cfg, _tiles.MLATileConfig)
+            and int(np.diff(merge_indptr).max(initial=0)) <= _tiles.MLA_FUSED_MOST_CHUNKS)
+
 
 def choose_tiles(num_heads: int, max_qo_len: int, hopper: bool = False):
     """(tiles, heads per CTA): 16 rows when a request's (query, head) rows fit in them, else
@@ -287,10 +304,15 @@ class BatchMLA:
         params["logits_scale"] = sm_scale * _core.LOG2E
         grid = limits["items"] if limits else work.num_items
         merge = None
+        fused = split and limits is None and fuses_merge(cfg, merge_indptr)
         if split:
             states = limits["items"] * per_item if limits else work.num_states
             partial_o, partial_lse = self._split.partials(states, num_heads, CKV_DIM, stream)
             params["partial_o"], params["partial_lse"] = partial_o.data.ptr, partial_lse.data.ptr
+        if fused:
+            counters = self._split.counters(total_q * head_blocks, stream)
+            params["merge_counters"] = counters.data.ptr
+        elif split:
             rows = limits["total_q"] if limits else total_q
             merge = self._split.merge(pointers["merge_indptr"], rows, dtype,
                                       None if limits else merge_indptr)
@@ -301,6 +323,7 @@ class BatchMLA:
                                     cfg.smem_bytes(), [params] if maps is None else [params, maps])
         self._plan = dict(launch=launch, params=launch.args[0], heads=num_heads, dtype=dtype,
                           total_q=total_q, page_size=page_size, split=split, merge=merge,
+                          fused=fused,
                           max_page=int(kv_indices.max(initial=-1)), checked=None,
                           maps=None if maps is None else launch.args[1], maps_of=None,
                           tile=cfg.tile)
@@ -350,16 +373,17 @@ class BatchMLA:
         else:
             out, lse = _core.run_outputs(q_nope, "q_nope", (plan["total_q"], plan["heads"], CKV_DIM),
                                          "[qo_indptr[-1], num_heads, 512]", out, return_lse,
-                                         plan["split"], self._split.lse_scratch)
+                                         plan["merge"] is not None, self._split.lse_scratch)
         if plan["maps"] is not None:
             self._encode_maps(ckv_cache, kpe_cache)
         params = plan["params"]
         params["q_nope"], params["q_pe"] = q_nope.data.ptr, q_pe.data.ptr
         params["ckv"], params["kpe"] = ckv_cache.data.ptr, kpe_cache.data.ptr
         params["o"] = out.data.ptr
-        params["lse"] = 0 if lse is None or plan["split"] else lse.data.ptr
+        # The kernel writes lse unless merge_state merges its partial states.
+        params["lse"] = 0 if lse is None or plan["merge"] is not None else lse.data.ptr
         plan["launch"](stream)
-        if plan["split"]:
+        if plan["merge"] is not None:
             plan["merge"](out, lse, stream)
         if self._limits is not None:
             out, lse = out[:plan["total_q"]], lse[:plan["total_q"]]

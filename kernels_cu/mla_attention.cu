@@ -28,6 +28,7 @@
 #include "common/mla_params.cuh"
 #include "common/work_item.cuh"
 #include "common/mla_tiles.cuh"
+#include "common/fused_merge.cuh"
 
 using namespace cpattn;
 
@@ -244,4 +245,23 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
       mla_store_row<T, WARP_DIMS / 8>(p, w, r, h, o[mt], warp * WARP_DIMS + 2 * (lane % 4),
                                       m[mt][h], denom, warp == 0 && lane % 4 == 0);
     }
+
+  // Split with p.merge_counters: the last chunk of this query tile to finish merges its states
+  // (common/fused_merge.cuh); row_red is free again once every warp has passed the barrier in
+  // cta_last_chunk_done, and holds its flag.
+  if (p.merge_counters != nullptr) {
+    const int group = p.group_size;
+    const long long token0 = w.qo_begin + w.q_start;
+    int* counter = p.merge_counters + token0 * (p.num_heads / group) + w.head_block;
+    if (cta_last_chunk_done(counter, p.item_state_stride[w.item], reinterpret_cast<int*>(row_red)))
+      merge_state_rows<T, CKV_DIM, WARPS>(
+          p.partial_o, p.partial_lse, p.num_heads, static_cast<T*>(p.o), p.lse, w.valid_rows,
+          [&](int r) {
+            const long long token = token0 + r / group;
+            const int head = w.head_block * group + r % group;
+            return MergeRow{p.merge_indptr[token], p.merge_indptr[token + 1], head,
+                            token * p.num_heads + head};
+          },
+          warp);
+  }
 }

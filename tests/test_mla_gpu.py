@@ -99,6 +99,35 @@ def test_split_and_unsplit_plans(heads, batch):
         assert wrapper._plan["split"]
 
 
+@pytest.mark.parametrize("fused_most", (8, 0))
+def test_split_merged_in_the_kernel_or_by_merge_state(fused_most, monkeypatch):
+    """A split query tile of at most _tiles.MLA_FUSED_MOST_CHUNKS chunks is merged by the CTA
+    of its last chunk (0: always by merge_state): 16 heads of one query, 4 heads of 4 causal
+    queries a CTA, lse asked for or not, the same plan run twice (the counters are back at 0)."""
+    import cupy
+    from cpattn import _tiles
+    monkeypatch.setattr(_tiles, "MLA_FUSED_MOST_CHUNKS", fused_most)
+    rng = np.random.default_rng(fused_most)
+    for heads, kv_lens, qo_lens, causal in ((16, [1500, 0, 700, 13], [1, 1, 1, 1], False),
+                                            (4, [1500, 600, 4], [4, 3, 2], True)):
+        wrapper = run_and_check(rng, heads, 16, kv_lens, qo_lens, A.BFLOAT16, causal=causal)
+        plan = wrapper._plan
+        assert plan["split"] and plan["fused"] == (fused_most > 0)
+        # A plan whose fullest tile has more chunks than the limit merges by merge_state.
+        run_and_check(rng, heads, 16, [40000], [1], A.FLOAT16, wrapper=wrapper)
+        assert wrapper._plan["split"] and not wrapper._plan["fused"]
+    ckv, kpe, kv_indptr, kv_indices, kv_lens = latent_batch(rng, [900, 33], 32, A.FLOAT16)
+    q_nope, q_pe = queries(rng, 2, 16, A.FLOAT16)
+    ref_o, _ = reference.mla(q_nope, q_pe, ckv, kpe, np.arange(3, dtype=np.int32), kv_indptr,
+                             kv_indices, kv_lens=kv_lens, sm_scale=SM_SCALE)
+    wrapper = cpattn.BatchMLA()
+    wrapper.plan(np.arange(3, dtype=np.int32), kv_indptr, kv_indices, kv_lens, 16, CKV, KPE, 32,
+                 sm_scale=SM_SCALE, dtype=A.FLOAT16)
+    args = [cupy.asarray(x) for x in (q_nope, q_pe, ckv, kpe)]
+    for _ in range(3):
+        assert_close(cupy.asnumpy(wrapper.run(*args)), ref_o, A.FLOAT16, "out")
+
+
 def test_non_causal_multi_token_and_long_queries():
     """Queries longer than a tile of rows (prefill with absorbed weights), causal and not,
     kv_len shorter than qo_len included."""

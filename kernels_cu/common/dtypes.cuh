@@ -40,13 +40,18 @@ __device__ __forceinline__ void load_vec(const T* ptr, float (&out)[N]) {
   for (int i = 0; i < N; ++i) out[i] = to_float(u.elems[i]);
 }
 
-// Store N floats, rounded to T, in one access of N * sizeof(T) bytes.
+// Store N floats, rounded to T, in accesses of N * sizeof(T) bytes, or 16 when that is more.
 template <typename T, int N>
 __device__ __forceinline__ void store_vec(T* ptr, const float (&in)[N]) {
-  union { typename Raw<N * sizeof(T)>::type raw; T elems[N]; } u;
+  constexpr int PIECE = N * sizeof(T) > 16 ? 16 / sizeof(T) : N;  // elements an access
+  static_assert(N % PIECE == 0, "whole 16-byte pieces");
 #pragma unroll
-  for (int i = 0; i < N; ++i) u.elems[i] = from_float<T>(in[i]);
-  *reinterpret_cast<typename Raw<N * sizeof(T)>::type*>(ptr) = u.raw;
+  for (int j = 0; j < N; j += PIECE) {
+    union { typename Raw<PIECE * sizeof(T)>::type raw; T elems[PIECE]; } u;
+#pragma unroll
+    for (int i = 0; i < PIECE; ++i) u.elems[i] = from_float<T>(in[j + i]);
+    *reinterpret_cast<typename Raw<PIECE * sizeof(T)>::type*>(ptr + j) = u.raw;
+  }
 }
 
 }  // namespace cpattn

@@ -1,12 +1,11 @@
-// fused_merge.cuh: the merge of a split-KV decode request's partial states by the last of its
-// chunks to finish, inside the attention kernel (no second launch).
+// fused_merge.cuh: the merge of a split-KV row's partial states by the last of its chunks to
+// finish, inside the attention kernel (no second launch): decode (a warp of each request's
+// chunks counts) and MLA (a whole CTA of each query tile's chunks counts).
 //
-// Each (request, head block) has a counter in p.merge_counters (0 between launches). A CTA that
-// wrote its chunk's partial rows counts itself in (last_chunk_done); the one that completes the
-// count merges the request's states, items merge_indptr[b] .. merge_indptr[b + 1] (one query
-// per request: the item's state is the item; BatchDecode's plans only), into out and lse, and
-// sets the counter back to 0. A wrapper's runs must therefore be ordered (one stream), as they
-// already must for the partial states they share.
+// Each (request or query tile, head block) has a counter (0 between launches). A chunk that
+// wrote its partial rows counts itself in; the one that completes the count merges the states
+// into out and lse, and sets the counter back to 0. A wrapper's runs must therefore be ordered
+// (one stream), as they already must for the partial states they share.
 // Ordering: writers fence their partial rows before counting; the last one fences after it, and
 // reads the partial states from L2 (ld.global.cg: they were written by other SMs).
 #pragma once
@@ -17,6 +16,17 @@
 
 namespace cpattn {
 
+// By the one thread that counts for its group of threads, after a barrier behind which every
+// thread of the group fenced its partial rows: whether its chunk is the last of `chunks`.
+// Cumulative: the group's rows, ordered before this thread by the barrier, are released with
+// its own fence (a fence by every thread alone would not cover them in the model).
+__device__ __forceinline__ bool count_chunk(int* counter, int chunks) {
+  __threadfence();
+  const bool last = atomicAdd(counter, 1) == chunks - 1;
+  if (last) atomicExch(counter, 0);  // every chunk has counted: ready for the next launch
+  return last;
+}
+
 // By every lane of the warp that wrote the work's partial rows: whether this work's chunk
 // completed its request's count (warp-uniform).
 __device__ __forceinline__ bool last_chunk_done(const AttentionParams& p, const WorkItem& w,
@@ -25,15 +35,22 @@ __device__ __forceinline__ bool last_chunk_done(const AttentionParams& p, const 
   __syncwarp();
   int last = 0;
   if (threadIdx.x % 32 == 0) {
-    // Cumulative: the other lanes' rows, ordered before this lane by the __syncwarp, are
-    // released with its own (a fence by every lane alone would not cover them in the model).
-    __threadfence();
-    int* counter = p.merge_counters + w.request * head_blocks + w.head_block;
     const int chunks = p.merge_indptr[w.request + 1] - p.merge_indptr[w.request];
-    last = atomicAdd(counter, 1) == chunks - 1;
-    if (last) atomicExch(counter, 0);  // every chunk has counted: ready for the next launch
+    last = count_chunk(p.merge_counters + w.request * head_blocks + w.head_block, chunks);
   }
   last = __shfl_sync(0xffffffff, last, 0);
+  if (last) __threadfence();  // the other chunks' rows, counted before, are read after
+  return last;
+}
+
+// The same by every thread of a CTA that wrote partial rows (CTA-uniform); `flag` is a shared
+// int no thread reads or writes around the call.
+__device__ __forceinline__ bool cta_last_chunk_done(int* counter, int chunks, int* flag) {
+  __threadfence();  // this thread's partial rows, visible to the GPU before the count
+  __syncthreads();
+  if (threadIdx.x == 0) *flag = count_chunk(counter, chunks);
+  __syncthreads();
+  const bool last = *flag;
   if (last) __threadfence();  // the other chunks' rows, counted before, are read after
   return last;
 }
@@ -57,38 +74,59 @@ __device__ __forceinline__ void load_l2(const float* src, float (&v)[N]) {
   }
 }
 
-// The work's rows (the request's group heads, one query), merged over the request's states by
-// WARPS warps (this one is `warp`): a row a warp, dims [N lane, N lane + N) a lane.
-template <typename T, int HEAD_DIM, int WARPS>
-__device__ __forceinline__ void merge_request_rows(const AttentionParams& p, const WorkItem& w,
-                                                   int warp) {
-  constexpr int N = HEAD_DIM / 32;
-  constexpr int AHEAD = 32 / N;  // states loaded before their merge (32 floats a lane): round
-                                 // trips to L2 overlap
-  const int lane = threadIdx.x % 32, group = p.group_size;
-  const int first = p.merge_indptr[w.request], end = p.merge_indptr[w.request + 1];
-  for (int r = warp; r < w.valid_rows; r += WARPS) {
-    const int head = w.head_block * group + r % group;
+// Where row r of a merge finds its states and goes: partial rows state * num_heads + head for
+// state in [first, end), and row out_row of out and lse.
+struct MergeRow {
+  int first, end, head;
+  long long out_row;
+};
+
+// `rows` rows merged by WARPS warps (this one is `warp`): a row a warp, dims [N lane, N lane +
+// N) a lane; `row_at(r)` gives each row's MergeRow. partial_o [states, num_heads, DIM] fp32.
+template <typename T, int DIM, int WARPS, typename RowAt>
+__device__ __forceinline__ void merge_state_rows(const float* partial_o, const float* partial_lse,
+                                                 int num_heads, T* out, float* out_lse, int rows,
+                                                 const RowAt& row_at, int warp) {
+  constexpr int N = DIM / 32;
+  constexpr int AHEAD = N >= 32 ? 1 : 32 / N;  // states loaded before their merge (32 floats a
+                                               // lane): round trips to L2 overlap
+  const int lane = threadIdx.x % 32;
+  for (int r = warp; r < rows; r += WARPS) {
+    const MergeRow at = row_at(r);
     SoftmaxState<N> st;
     st.init();
-    for (int s0 = first; s0 < end; s0 += AHEAD) {
+    for (int s0 = at.first; s0 < at.end; s0 += AHEAD) {
       float v[AHEAD][N], lse[AHEAD];
 #pragma unroll
       for (int i = 0; i < AHEAD; ++i) {
-        const long long row = static_cast<long long>(min(s0 + i, end - 1)) * p.num_qo_heads + head;
-        load_l2(p.partial_o + row * HEAD_DIM + N * lane, v[i]);
-        lse[i] = s0 + i < end ? __ldcg(p.partial_lse + row) : NEG_INF;  // past the end: nothing
+        const long long row = static_cast<long long>(min(s0 + i, at.end - 1)) * num_heads + at.head;
+        load_l2(partial_o + row * DIM + N * lane, v[i]);
+        lse[i] = s0 + i < at.end ? __ldcg(partial_lse + row) : NEG_INF;  // past the end: nothing
       }
 #pragma unroll
       for (int i = 0; i < AHEAD; ++i) st.merge(v[i], lse[i]);
     }
     float v[N];
     const float lse = st.normalize(v);
-    const long long row =
-        static_cast<long long>(w.qo_begin + w.q_start + r / group) * p.num_qo_heads + head;
-    store_vec(static_cast<T*>(p.o) + row * HEAD_DIM + N * lane, v);
-    if (lane == 0 && p.lse != nullptr) p.lse[row] = lse;
+    store_vec(out + at.out_row * DIM + N * lane, v);
+    if (lane == 0 && out_lse != nullptr) out_lse[at.out_row] = lse;
   }
+}
+
+// The work's rows (the request's group heads, one query), merged over the request's states.
+template <typename T, int HEAD_DIM, int WARPS>
+__device__ __forceinline__ void merge_request_rows(const AttentionParams& p, const WorkItem& w,
+                                                   int warp) {
+  const int group = p.group_size;
+  const int first = p.merge_indptr[w.request], end = p.merge_indptr[w.request + 1];
+  const long long token = w.qo_begin + w.q_start;
+  merge_state_rows<T, HEAD_DIM, WARPS>(
+      p.partial_o, p.partial_lse, p.num_qo_heads, static_cast<T*>(p.o), p.lse, w.valid_rows,
+      [&](int r) {
+        const int head = w.head_block * group + r % group;
+        return MergeRow{first, end, head, (token + r / group) * p.num_qo_heads + head};
+      },
+      warp);
 }
 
 }  // namespace cpattn

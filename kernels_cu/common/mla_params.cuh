@@ -24,6 +24,11 @@ struct MLAParams {
   const int* item_kv_end;   // [num_items]
   const int* item_state;    // split-KV: [num_items] partial state of the item's first query;
   const int* item_state_stride;  // [num_items] states between its consecutive queries
+                                 // (the chunks of its query tile)
+  const int* merge_indptr;  // split-KV: [total_q + 1] partial states of each query row
+  int* merge_counters;      // fused merge (mla_attention): [total_q * head blocks] chunks of
+                            // each query tile done, indexed by its first row; 0 between
+                            // launches; nullptr: merge_state merges
   long long q_nope_stride_token, q_nope_stride_head;  // in elements
   long long q_pe_stride_token, q_pe_stride_head;
   long long ckv_stride_page, ckv_stride_slot;
