@@ -47,6 +47,7 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
   // P rows padded by 16 bytes: eight rows read by one ldmatrix fall in eight bank groups.
   constexpr int P_STRIDE = TILE + 8;
   static_assert(WARPS % KSPLIT == 0 && (ROW_CHUNKS / 2) % KSPLIT == 0, "parts split evenly");
+  static_assert(KSPLIT == 1 || KEY_WARPS <= 15, "a named barrier (1 .. 15) per key warp");
   static_assert(WARP_KEYS % 16 == 0 && WARP_DIMS % 16 == 0, "warps take whole 16-wide steps");
   static_assert(STAGES >= 2, "cp.async pipeline needs two stages at least");
   // Independent accumulator sets of S (see below): as many as the registers allow.
