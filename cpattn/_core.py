@@ -248,7 +248,7 @@ class SplitMerge:
         row (None: the count is not known, as in a CUDA-graph plan, whose later plans may hold
         more states a row)."""
         from .merge import VarlenMerge, launch_shape
-        max_states = None if merge_indptr is None else int(np.diff(merge_indptr).max(initial=0))
+        max_states = None if merge_indptr is None else planner.most_states(merge_indptr)
         v = self.buffers[0]
         shape = launch_shape(rows * v.shape[1], v.shape[2], 16 // v.itemsize, max_states,
                              num_sms())

@@ -33,7 +33,7 @@ def fuses_merge(cfg, head_dim: int, merge_indptr: np.ndarray) -> bool:
     """
     fused = getattr(cfg, "fused_merge", None)
     return (fused is not None and fused(head_dim)
-            and int(np.diff(merge_indptr).max(initial=0)) <= _tiles.FUSED_MERGE_MOST_CHUNKS)
+            and planner.most_states(merge_indptr) <= _tiles.FUSED_MERGE_MOST_CHUNKS)
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ def fuses_merge(cfg, merge_indptr: np.ndarray) -> bool:
     False
     """
     return (isinstance(cfg, _tiles.MLATileConfig)
-            and int(np.diff(merge_indptr).max(initial=0)) <= _tiles.MLA_FUSED_MOST_CHUNKS)
+            and planner.most_states(merge_indptr) <= _tiles.MLA_FUSED_MOST_CHUNKS)
 
 
 def choose_tiles(num_heads: int, max_qo_len: int, hopper: bool = False):

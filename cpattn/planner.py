@@ -293,6 +293,16 @@ class DecodeWork:
         return self.request.shape[0]
 
 
+def most_states(merge_indptr: np.ndarray) -> int:
+    """States of the fullest row of a split plan (``merge_indptr [rows + 1]``, host): what sizes
+    a merge's launch and decides whether a kernel merges its rows itself.
+
+    >>> most_states(np.array([0, 2, 7, 8]))
+    5
+    """
+    return int(np.diff(merge_indptr).max(initial=0))
+
+
 def _round_up(x, multiple):
     return -(-x // multiple) * multiple
 
