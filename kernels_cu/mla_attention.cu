@@ -86,6 +86,19 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
   const int step0 = part * STEPS;  // this warp's first 16-dim step of S
   const float scale = p.logits_scale;
 
+  // With the dims of S split, a warp's share of Q fits in its registers (STEPS A fragments):
+  // read from shared memory once, not every tile (a third of a tile's shared-memory reads).
+  constexpr bool Q_IN_REGS = KSPLIT > 1 && M_TILES == 1;
+  constexpr int S_UNROLL = Q_IN_REGS ? STEPS / ACC : 2;  // whole: q_frag indexed by constants
+  unsigned q_frag[Q_IN_REGS ? STEPS : 1][4];
+  if constexpr (Q_IN_REGS) {
+    cp_async_wait<STAGES - 2>();  // Q came in the first group
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < STEPS; ++k)
+      ldmatrix_x4(q_frag[k], q_tile + Layout::at(lane % 16, (step0 + k) * 2 + lane / 16));
+  }
+
   for (int t = 0; t < num_tiles; ++t) {
     cp_async_wait<STAGES - 2>();
     // Tile t has landed; every warp is done with tile t - 1 (its stage, P and maxima are free).
@@ -105,15 +118,20 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
 #pragma unroll
         for (int n = 0; n < WARP_KEYS / 8; ++n)
           acc[a][mt][n][0] = acc[a][mt][n][1] = acc[a][mt][n][2] = acc[a][mt][n][3] = 0.f;
-#pragma unroll 2
+#pragma unroll S_UNROLL
     for (int k0 = 0; k0 < STEPS; k0 += ACC) {
 #pragma unroll
       for (int a = 0; a < ACC; ++a) {
         const int kk = step0 + k0 + a;
         unsigned qa[M_TILES][4];
+        if constexpr (Q_IN_REGS) {
 #pragma unroll
-        for (int mt = 0; mt < M_TILES; ++mt)
-          ldmatrix_x4(qa[mt], q_tile + Layout::at(mt * 16 + lane % 16, kk * 2 + lane / 16));
+          for (int e = 0; e < 4; ++e) qa[0][e] = q_frag[k0 + a][e];
+        } else {
+#pragma unroll
+          for (int mt = 0; mt < M_TILES; ++mt)
+            ldmatrix_x4(qa[mt], q_tile + Layout::at(mt * 16 + lane % 16, kk * 2 + lane / 16));
+        }
 #pragma unroll
         for (int n = 0; n < WARP_KEYS / 16; ++n) {
           unsigned bk[4];
