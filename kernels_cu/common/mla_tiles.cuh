@@ -95,12 +95,13 @@ struct MLATiles {
       const long long page = pages[i], slot = valid ? split.slot(key) : 0;
       const T* ckv_row = valid ? ckv + page * p.ckv_stride_page + slot * p.ckv_stride_slot : ckv;
       const T* kpe_row = valid ? kpe + page * p.kpe_stride_page + slot * p.kpe_stride_slot : kpe;
+      // Both layouts swizzle within 8-chunk groups: chunk copy_col + 8 j of row r lies
+      // Layout::at(0, 8 j) (a constant) past chunk copy_col.
+      uint4* row_dst = dst + Layout::at(r, copy_col);
 #pragma unroll
-      for (int j = 0; j < MLA_CKV_CHUNKS / 8; ++j) {
-        const int chunk = copy_col + 8 * j;
-        cp_async_16(dst + Layout::at(r, chunk), ckv_row + chunk * 8, valid);
-      }
-      cp_async_16(dst + Layout::at(r, MLA_CKV_CHUNKS + copy_col), kpe_row + copy_col * 8, valid);
+      for (int j = 0; j < MLA_CKV_CHUNKS / 8; ++j)
+        cp_async_16(row_dst + Layout::at(0, 8 * j), ckv_row + (copy_col + 8 * j) * 8, valid);
+      cp_async_16(row_dst + Layout::at(0, MLA_CKV_CHUNKS), kpe_row + copy_col * 8, valid);
     }
   }
 
