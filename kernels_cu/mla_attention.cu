@@ -157,17 +157,20 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
 
     if constexpr (KSPLIT > 1) {  // the other parts' sums of S into part 0's warp
       float* mine = &s[0][0][0];
-      float* pair = s_parts + key_warp * S_FRAG * 32 + lane;
+      // Element e of this lane's S in part q's slots (q >= 1), lane-interleaved: no conflicts.
+      auto slot = [&](int q, int e) -> float& {
+        return s_parts[(((q - 1) * KEY_WARPS + key_warp) * S_FRAG + e) * 32 + lane];
+      };
       if (part > 0) {
 #pragma unroll
-        for (int e = 0; e < S_FRAG; ++e) pair[((part - 1) * KEY_WARPS * S_FRAG + e) * 32] = mine[e];
+        for (int e = 0; e < S_FRAG; ++e) slot(part, e) = mine[e];
       }
       named_barrier_sync(1 + key_warp, 32 * KSPLIT);  // the warps of these keys only
       if (part == 0) {
 #pragma unroll
         for (int q = 1; q < KSPLIT; ++q)
 #pragma unroll
-          for (int e = 0; e < S_FRAG; ++e) mine[e] += pair[((q - 1) * KEY_WARPS * S_FRAG + e) * 32];
+          for (int e = 0; e < S_FRAG; ++e) mine[e] += slot(q, e);
       }
     }
 
