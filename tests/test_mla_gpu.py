@@ -102,17 +102,22 @@ def test_split_and_unsplit_plans(heads, batch):
 @pytest.mark.parametrize("fused_most", (8, 0))
 def test_split_merged_in_the_kernel_or_by_merge_state(fused_most, monkeypatch):
     """A split query tile of at most _tiles.MLA_FUSED_MOST_CHUNKS chunks is merged by the CTA
-    of its last chunk (0: always by merge_state): 16 heads of one query, 4 heads of 4 causal
-    queries a CTA, lse asked for or not, the same plan run twice (the counters are back at 0)."""
+    of its last chunk (0: always by merge_state) on the mma.sync tiles: 16 heads of one query,
+    4 heads of 4 causal queries a CTA, 80 heads (five 16-row head blocks), 64 heads (two 32-row
+    head blocks on the sm80 path; the wgmma tiles, merged by merge_state, on Hopper); lse asked
+    for or not; the same plan run three times into poisoned outputs, its counters back at 0."""
     import cupy
     from cpattn import _tiles
     monkeypatch.setattr(_tiles, "MLA_FUSED_MOST_CHUNKS", fused_most)
     rng = np.random.default_rng(fused_most)
+    fused = lambda plan: fused_most > 0 and plan["maps"] is None  # the mma.sync tiles
     for heads, kv_lens, qo_lens, causal in ((16, [1500, 0, 700, 13], [1, 1, 1, 1], False),
-                                            (4, [1500, 600, 4], [4, 3, 2], True)):
+                                            (4, [1500, 600, 4], [4, 3, 2], True),
+                                            (80, [500, 300], [1, 1], False),
+                                            (64, [900, 5], [1, 1], False)):
         wrapper = run_and_check(rng, heads, 16, kv_lens, qo_lens, A.BFLOAT16, causal=causal)
         plan = wrapper._plan
-        assert plan["split"] and plan["fused"] == (fused_most > 0)
+        assert plan["split"] and plan["fused"] == fused(plan)
         # A plan whose fullest tile has more chunks than the limit merges by merge_state.
         run_and_check(rng, heads, 16, [40000], [1], A.FLOAT16, wrapper=wrapper)
         assert wrapper._plan["split"] and not wrapper._plan["fused"]
@@ -123,9 +128,13 @@ def test_split_merged_in_the_kernel_or_by_merge_state(fused_most, monkeypatch):
     wrapper = cpattn.BatchMLA()
     wrapper.plan(np.arange(3, dtype=np.int32), kv_indptr, kv_indices, kv_lens, 16, CKV, KPE, 32,
                  sm_scale=SM_SCALE, dtype=A.FLOAT16)
+    assert wrapper._plan["fused"] == fused(wrapper._plan)
     args = [cupy.asarray(x) for x in (q_nope, q_pe, ckv, kpe)]
     for _ in range(3):
-        assert_close(cupy.asnumpy(wrapper.run(*args)), ref_o, A.FLOAT16, "out")
+        out = cupy.full((2, 16, CKV), np.nan, A.FLOAT16)
+        assert_close(cupy.asnumpy(wrapper.run(*args, out=out)), ref_o, A.FLOAT16, "out")
+    if wrapper._plan["fused"]:
+        assert not wrapper._split.counters(1).get().any()
 
 
 def test_non_causal_multi_token_and_long_queries():

@@ -20,10 +20,15 @@ namespace cpattn {
 // thread of the group fenced its partial rows: whether its chunk is the last of `chunks`.
 // Cumulative: the group's rows, ordered before this thread by the barrier, are released with
 // its own fence (a fence by every thread alone would not cover them in the model).
+// The last one also fences after its count, before it tells the group (acquire: the other
+// chunks' rows, counted before, are read after).
 __device__ __forceinline__ bool count_chunk(int* counter, int chunks) {
   __threadfence();
   const bool last = atomicAdd(counter, 1) == chunks - 1;
-  if (last) atomicExch(counter, 0);  // every chunk has counted: ready for the next launch
+  if (last) {
+    atomicExch(counter, 0);  // every chunk has counted: ready for the next launch
+    __threadfence();
+  }
   return last;
 }
 
