@@ -189,6 +189,7 @@ class MLATileConfig:
     tile: int
     stages: int
     ksplit: int = 1
+    ctas: int = 1  #: CTAs resident per SM the planner counts on
     op = "mla_attention"
 
     @property
@@ -218,6 +219,13 @@ class MLATileConfig:
 #: H200 (H32 B64 L4096 2161 -> 2395 GB/s, H128 610 -> 686).
 MLA_TILES = (MLATileConfig(1, 8, 64, 2, 2), MLATileConfig(2, 8, 64, 2, 2))
 
+#: 16 rows when a plan has two CTAs for every SM without splitting any key range (a large batch):
+#: 4 warps (at most 255 registers each) and 32-key tiles (96 KB of shared memory), so two CTAs
+#: share an SM and one computes while the other waits (H200, 16 heads, GB/s against
+#: MLA_TILES[0]: B264 L1024 3775 / 3475, B512 L1024 3915 / 3655, B2048 L256 3191 / 2752; B300 L512
+#: 2420 / 2549, a short second wave; at 128 CTAs, split or not, they lose: B128 L8192 4271 / 4397).
+MLA_MANY = MLATileConfig(1, 4, 32, 2, 2, ctas=2)
+
 #: A split query tile of the mma.sync MLA kernel is merged by the CTA of its last chunk up to
 #: this many chunks; beyond, by merge_state (one CTA reading them all becomes the tail). H200,
 #: 16 heads, GB/s merge_state / fused: B64 L4096 (2 chunks) 3420 / 3525, B32 L16384 (4) 3800 /
@@ -234,6 +242,7 @@ class HopperMLATileConfig:
     stages: int
     op = "mla_attention_sm90"
     rows = 64
+    ctas = 1  #: CTAs resident per SM the planner counts on
     threads = 384
     launch_registers = 168  #: 65536 / 384, a multiple of 8 (the kernel's launch_registers<2>())
 
@@ -253,7 +262,7 @@ MLA_SM90 = HopperMLATileConfig(64, 2)
 
 
 def mla_variants() -> list[tuple[str, ...]]:
-    return [cfg.targs(t) for t in ATTENTION_CTYPES for cfg in MLA_TILES]
+    return [cfg.targs(t) for t in ATTENTION_CTYPES for cfg in (*MLA_TILES, MLA_MANY)]
 
 
 def mla_hopper_variants() -> list[tuple[str, ...]]:

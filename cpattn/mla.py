@@ -196,6 +196,22 @@ def choose_tiles(num_heads: int, max_qo_len: int, hopper: bool = False):
                               f"GPU, or a multiple of {small.rows}")
 
 
+def many_ctas(cfg, group: int, num_heads: int, qo_lens: np.ndarray, num_sms: int):
+    """``_tiles.MLA_MANY`` in place of the 16-row tiles when a plan has two CTAs for every SM
+    without splitting any key range: query tiles x head blocks >= 2 x ``num_sms``.
+
+    >>> small = _tiles.MLA_TILES[0]
+    >>> many_ctas(small, 16, 16, np.ones(264, np.int64), 132) is _tiles.MLA_MANY
+    True
+    >>> many_ctas(small, 16, 16, np.ones(263, np.int64), 132) is small
+    True
+    """
+    if cfg is not _tiles.MLA_TILES[0]:
+        return cfg
+    ctas = int(np.sum(-(-qo_lens // (cfg.rows // group)))) * (num_heads // group)
+    return _tiles.MLA_MANY if ctas >= _tiles.MLA_MANY.ctas * num_sms else cfg
+
+
 class BatchMLA:
     """Batch MLA over a paged latent cache: plan once per step, run every layer.
 
@@ -276,10 +292,12 @@ class BatchMLA:
             _core.check_graph_pages(self._pool_pages, kv_indices)
             cfg, group = self._graph_tiles(cfg, group, num_heads, dtype, causal, sm_scale,
                                            page_size)
+        else:  # graph mode keeps the tiles of its first plan
+            cfg = many_ctas(cfg, group, num_heads, qo_lens, _core.num_sms())
         head_blocks = num_heads // group
         per_item = cfg.rows // group
         work = planner.partition_tiles(qo_lens, kv_lens, per_item, causal, head_blocks,
-                                       num_sms=_core.num_sms(), ctas_per_sm=1, tile=cfg.tile,
+                                       num_sms=_core.num_sms(), ctas_per_sm=cfg.ctas, tile=cfg.tile,
                                        max_items=limits["items"] if limits else None)
         split = work.split or limits is not None
         merge_indptr = work.merge_indptr

@@ -128,6 +128,29 @@ def test_hopper_mla_tiles_fit_an_sm():
     assert _tiles.MLA_SM90.smem_bytes() <= 227 * 1024
 
 
+def test_mla_doctests():
+    import doctest
+    result = doctest.testmod(mla, extraglobs={"np": np})
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_many_ctas_takes_large_unsplit_batches_of_16_rows():
+    """Two CTAs an SM of MLA_MANY when query tiles x head blocks fill every SM twice over:
+    16 heads of one query, 8 heads of up to two a tile (zero-length requests give none); the
+    32-row and wgmma tiles are kept."""
+    small, many = _tiles.MLA_TILES[0], _tiles.MLA_MANY
+    assert many.ctas == 2 and many.rows == small.rows
+    assert 2 * (many.smem_bytes() + 1024) <= 228 * 1024  # two CTAs' shared memory fit an SM
+    assert 2 * many.threads * 256 <= 65536  # and their registers, at 255 a thread
+    ones = np.ones(264, np.int64)
+    assert mla.many_ctas(small, 16, 16, ones, 132) is many
+    assert mla.many_ctas(small, 16, 16, ones[:263], 132) is small
+    assert mla.many_ctas(small, 8, 8, np.array([2] * 264 + [0] * 9), 132) is many
+    assert mla.many_ctas(small, 8, 8, np.array([3] * 132 + [0] * 200), 132) is many  # 2 tiles each
+    assert mla.many_ctas(_tiles.MLA_TILES[1], 32, 32, ones, 132) is _tiles.MLA_TILES[1]
+    assert mla.many_ctas(_tiles.MLA_SM90, 64, 128, ones, 132) is _tiles.MLA_SM90
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_partition_tiles_covers_every_query_and_key_once(seed):
     rng = np.random.default_rng(seed)

@@ -137,6 +137,20 @@ def test_split_merged_in_the_kernel_or_by_merge_state(fused_most, monkeypatch):
         assert not wrapper._split.counters(1).get().any()
 
 
+@pytest.mark.parametrize("heads, qo, page_size, dtype", [(16, 1, 16, A.BFLOAT16),
+                                                         (8, 2, 5, A.FLOAT16)])
+def test_large_batches_take_two_ctas_an_sm(heads, qo, page_size, dtype):
+    """A batch with two 16-row tiles for every SM runs _tiles.MLA_MANY (4 warps, 32-key tiles,
+    two CTAs an SM), unsplit: short and long requests, zero-length ones, causal query pairs."""
+    from cpattn import _core, _tiles
+    rng = np.random.default_rng([heads, qo, page_size])
+    batch = 2 * _core.num_sms() + 7
+    kv_lens = rng.integers(0, 200, batch)
+    kv_lens[::50], kv_lens[3], kv_lens[4] = 0, 1000, 33
+    wrapper = run_and_check(rng, heads, page_size, kv_lens, [qo] * batch, dtype, causal=qo > 1)
+    assert wrapper._plan["tile"] == _tiles.MLA_MANY.tile and not wrapper._plan["split"]
+
+
 def test_non_causal_multi_token_and_long_queries():
     """Queries longer than a tile of rows (prefill with absorbed weights), causal and not,
     kv_len shorter than qo_len included."""
