@@ -2,13 +2,24 @@
 
     python benchmarks/run.py --config benchmarks/configs/decode.yaml [--quick] [--peers] [--out DIR]
 
-Each case is timed with CUDA events (warm-up, then ``repeat`` timed runs; median and spread);
-inputs are not rotated, so cases smaller than L2 (decode B1 L128) measure latency, not HBM.
+Timing: CUDA events per run (warm-up, then ``repeat`` timed runs; median and p90 - p10 spread).
+The memory-bound suites (decode, MLA, cascade) rotate through copies of their inputs, one set per
+timed run, when one set is smaller than twice the L2 (``input_sets`` in the JSON), so that no
+run finds its inputs left in L2 by the run before; the prefill suites' inputs exceed the L2.
+
 Figures: GB/s of K+V read for decode, TFLOP/s for prefill (4 * D * heads per visible
 (query, key) pair: causal counts about half of 4*S*S*D per head), each as a % of the ceiling
-measured in the same run (a large device copy for bandwidth, a
-large bf16 cuBLAS matmul for tensor-core rate), host microseconds of plan() and run(), and the
-ratio to the best peer. Results go to JSON and a Markdown table under --out.
+measured in the same run (a large device copy for bandwidth, a large bf16 cuBLAS matmul for
+tensor-core rate); cascade's % is of the bytes it reads (the shared prefix once). Also the host
+microseconds of plan() and run(), and the ratio to the best peer.
+
+Check: a sample of each case's output against cpattn.reference, relative error within 1e-3
+(float16) or 1e-2 (bfloat16). A case over it is marked FAIL in its progress line and in the
+table, and the exit status is 1 once every output is written. A peer that raises is noted (in
+the progress line, ``peer_errors`` in the JSON, a line under the table) and the run goes on.
+
+Output under --out: results.json, rewritten after every case (a run that stops keeps the cases
+done), then results.md (the Markdown table) and, with matplotlib, results.png (the plot).
 """
 from __future__ import annotations
 
@@ -82,21 +93,81 @@ def environment() -> dict:
             "python": platform.python_version(), "commit": commit}
 
 
+def check_cell(row: dict) -> str:
+    """The table's check column: "ok" or "**FAIL**" with the relative error.
+
+    >>> check_cell(dict(rel_err=2.5e-4, check="ok")), check_cell(dict(rel_err=0.03, check="FAIL"))
+    ('ok 2.5e-04', '**FAIL** 3.0e-02')
+    """
+    verdict = "ok" if row.get("check") == "ok" else "**FAIL**"
+    return f"{verdict} {row['rel_err']:.1e}"
+
+
+def failed(row: dict) -> bool:
+    """Whether the row's check against the reference failed (or none was made)."""
+    return row.get("check") != "ok"
+
+
 def markdown(results: list[dict], env: dict, ceil: dict, command: str) -> str:
     lines = [f"GPU: {env['gpu']}, CuPy {env['cupy']}, commit {env['commit']}; ceilings: copy "
              f"{ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_bf16_TFLOPs']:.0f} TFLOP/s",
              f"Command: `{command}`", "",
-             "| suite | case | cpattn | unit | % ceiling | plan us | run us | best peer | peer | "
-             "ours / peer |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| suite | case | cpattn | unit | % ceiling | plan us | run us | check (rel. err) "
+             "| best peer | peer | ours / peer |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         peers = {k: v for k, v in r.get("peers", {}).items() if v is not None}
         best = max(peers.items(), key=lambda kv: kv[1], default=(None, None))
         ratio = f"{r['value'] / best[1]:.2f}" if best[1] else "-"
         peer = f"{best[1]:.0f}" if best[1] else "-"
         lines.append(f"| {r['suite']} | {r['case']} | {r['value']:.0f} | {r['unit']} | "
-                     f"{r['pct_ceiling']:.0f} | {r.get('plan_us', 0):.0f} | {r.get('run_us', 0):.0f} "
-                     f"| {best[0] or '-'} | {peer} | {ratio} |")
+                     f"{r['pct_ceiling']:.0f} | {r.get('plan_us', 0):.0f} | "
+                     f"{r.get('run_us', 0):.0f} | {check_cell(r)} | {best[0] or '-'} | {peer} | "
+                     f"{ratio} |")
+    bad = [r for r in results if failed(r)]
+    if bad:
+        tolerances = ", ".join(f"{np.dtype(k).name} {v:g}" for k, v in suites.TOLERANCE.items())
+        lines += ["", f"The check against cpattn.reference failed in {len(bad)} case(s) "
+                  f"(relative error allowed: {tolerances})."]
+    notes = [f"- {r['suite']} {r['case']}: {name}: {msg}"
+             for r in results for name, msg in r.get("peer_errors", {}).items()]
+    if notes:
+        lines += ["", "Peers that raised (left out of the ratio):", *notes]
     return "\n".join(lines) + "\n"
+
+
+def progress(row: dict, i: int, n: int) -> str:
+    """One line per case: the figure, the check, the peers' figures and any peer that raised."""
+    also = f", {row['also']}" if "also" in row else ""
+    verdict = (f"check ok (err {row['rel_err']:.1e})" if not failed(row) else
+               f"check FAIL: err {row['rel_err']:.1e} > {row.get('tolerance', float('nan')):.0e}")
+    peers = [f"{k} {v:.0f}" for k, v in row.get("peers", {}).items() if v]
+    peers += [f"{k} failed ({msg})" for k, msg in row.get("peer_errors", {}).items()]
+    return (f"[{row['suite']} {i}/{n}] {row['case']}: {row['value']:.0f} {row['unit']} "
+            f"({row['pct_ceiling']:.0f}% of ceiling{also}) {verdict}"
+            f"{'; ' + ', '.join(peers) if peers else ''}")
+
+
+def write_json(path: Path, env: dict, ceil: dict, results: list[dict]) -> None:
+    """Write the results so far (through a temporary file: a crash mid-write keeps the last)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"environment": env, "ceilings": ceil, "results": results},
+                              indent=1))
+    tmp.replace(path)
+
+
+def run_configs(args, env: dict, ceil: dict, out: Path, results: list[dict]) -> None:
+    """Every case of every --config, appended to ``results`` with a progress line each;
+    results.json rewritten after each case."""
+    for path in args.config:
+        config = yaml.safe_load(Path(path).read_text())
+        cases = config["cases"][:1] if args.quick else config["cases"]
+        for i, case in enumerate(cases, 1):
+            suite = case.get("suite", config.get("suite"))  # a preset file mixes suites
+            row = suites.SUITES[suite](case, args.peers, time_ms, host_us, ceil)
+            row["suite"] = case.get("name", suite)
+            results.append(row)
+            print(progress(row, i, len(cases)), flush=True)
+            write_json(out / "results.json", env, ceil, results)
 
 
 def main(argv=None) -> int:
@@ -109,28 +180,19 @@ def main(argv=None) -> int:
     parser.add_argument("--results", help="also write the Markdown table to this file "
                         "(benchmarks/RESULTS.md holds the latest H200 run)")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     env, ceil = environment(), ceilings()
     print(f"{env['gpu']}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul "
           f"{ceil['matmul_bf16_TFLOPs']:.0f} TFLOP/s", flush=True)
     results = []
-    for path in args.config:
-        config = yaml.safe_load(Path(path).read_text())
-        cases = config["cases"][:1] if args.quick else config["cases"]
-        for i, case in enumerate(cases, 1):
-            suite = case.get("suite", config.get("suite"))  # a preset file mixes suites
-            row = suites.SUITES[suite](case, args.peers, time_ms, host_us, ceil)
-            row["suite"] = case.get("name", suite)
-            results.append(row)
-            peers = ", ".join(f"{k} {v:.0f}" for k, v in row.get("peers", {}).items() if v)
-            print(f"[{row['suite']} {i}/{len(cases)}] {row['case']}: {row['value']:.0f} "
-                  f"{row['unit']} ({row['pct_ceiling']:.0f}% of ceiling{', ' + row['also'] if 'also' in row else ''})"
-                  f" err {row['rel_err']:.1e}"
-                  f"{'; ' + peers if peers else ''}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / "results.json").write_text(json.dumps(
-        {"environment": env, "ceilings": ceil, "results": results}, indent=1))
+    try:
+        run_configs(args, env, ceil, out, results)
+    except BaseException:
+        # A case raised (or ^C): keep the table of the cases done; results.json has them too.
+        (out / "results.md").write_text(markdown(results, env, ceil, command))
+        raise
     table = markdown(results, env, ceil, command)
     (out / "results.md").write_text(table)
     plot(results, out / "results.png")
@@ -142,7 +204,11 @@ def main(argv=None) -> int:
         page.write_text("# Latest results\n\nWritten by `benchmarks/run.py --results`;"
                         " peers ran in the same process on the same inputs.\n\n" + figure + table)
     print(table)
-    return 0
+    bad = [r for r in results if failed(r)]
+    for r in bad:
+        print(f"FAIL {r['suite']} {r['case']}: relative error {r['rel_err']:.1e} against "
+              f"cpattn.reference", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def plot(results: list[dict], path: Path) -> bool:

@@ -1,5 +1,8 @@
 """Benchmark suites: each builds one case's inputs, times cpattn and the peers on them, and checks
-a sample of the output against cpattn.reference. A suite returns one result row (a dict)."""
+a sample of the output against cpattn.reference. A suite returns one result row (a dict): the
+figure (``value``, ``unit``, ``pct_ceiling``), times, the check (``rel_err``, ``tolerance``,
+``check`` "ok" or "FAIL"), ``peers`` ({label: figure}) and, when a peer raised,
+``peer_errors`` ({peer: message})."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,10 +14,57 @@ from cpattn import reference
 
 DTYPES = {"float16": A.FLOAT16, "bfloat16": A.BFLOAT16}
 
+#: Relative error (Frobenius) allowed against the float64 reference, by output dtype: the GPU
+#: tests' tolerances (tests/gpu_utils.py RTOL; tests/test_benchmarks.py keeps the two equal).
+TOLERANCE = {A.FLOAT16: 1e-3, A.BFLOAT16: 1e-2}
 
-def _rel_err(ours, ref) -> float:
+
+def rel_err(ours, ref) -> float:
+    """``|ours - ref| / |ref|`` (Frobenius) in float64; NaN or Inf when ``ours`` holds any."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+    return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def check(ours, ref, dtype) -> dict:
+    """The sample check of a result row: its relative error, the tolerance of ``dtype`` and
+    ``check`` "ok" when the error is within it, "FAIL" otherwise (NaN and Inf fail).
+
+    >>> ref = np.ones((4, 8)); check(ref.astype(np.float16), ref, np.float16)["check"]
+    'ok'
+    >>> off = ref * 1.005
+    >>> check(off, ref, np.float16)["check"], check(off, ref, A.BFLOAT16)["check"]
+    ('FAIL', 'ok')
+    >>> check(np.full((4, 8), np.nan), ref, np.float16)["check"]
+    'FAIL'
+    """
+    err, tol = rel_err(ours, ref), TOLERANCE[np.dtype(dtype)]
+    return {"rel_err": err, "tolerance": tol, "check": "ok" if err <= tol else "FAIL"}
+
+
+def short_error(exc: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters.
+
+    >>> short_error(RuntimeError("CUDA error: out of memory\\nmore"))
+    'RuntimeError: CUDA error: out of memory'
+    """
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def run_peers(row: dict, peers: dict) -> None:
+    """Run each peer on its own and gather ``row["peers"]`` ({label: figure}).
+
+    ``peers`` maps a peer's name to a function returning {label: figure}. A peer that raises is
+    noted in ``row["peer_errors"]`` ({name: message}) and the others still run: a peer's
+    failure (a bug of its own, a shape it lacks) must not stop cpattn's figures.
+    """
+    row["peers"] = {}
+    for name, fn in peers.items():
+        try:
+            row["peers"].update(fn())
+        except Exception as exc:  # whatever a peer raises is reported, not raised
+            row.setdefault("peer_errors", {})[name] = short_error(exc)
 
 
 def _torch():
@@ -118,13 +168,14 @@ def decode(case, peers, time_ms, host_us, ceil):
     k0 = cupy.asnumpy(k_pages[pages]).reshape(-1, hkv, d)[:length]
     v0 = cupy.asnumpy(v_pages[pages]).reshape(-1, hkv, d)[:length]
     ref, _ = reference.single_decode(cupy.asnumpy(q[0]), k0, v0, **opts)
-    row["rel_err"] = _rel_err(cupy.asnumpy(out[0]), ref)
-    row["peers"] = _decode_peers(case, sets, kv_indptr, kv_indices, last,
-                                 (hq, hkv, d, ps), nbytes, time_ms, opts) if peers else {}
+    row.update(check(cupy.asnumpy(out[0]), ref, dtype))
+    run_peers(row, {"flashinfer": lambda: _decode_peers(
+        sets, kv_indptr, kv_indices, last, (hq, hkv, d, ps), nbytes, time_ms, opts)}
+        if peers else {})
     return row
 
 
-def _decode_peers(case, sets, kv_indptr, kv_indices, last, dims, nbytes, time_ms, opts):
+def _decode_peers(sets, kv_indptr, kv_indices, last, dims, nbytes, time_ms, opts):
     torch, fi = _torch(), _flashinfer()
     if torch is None or fi is None:
         return {}
@@ -181,10 +232,12 @@ def _ragged_case(qo_lens, kv_lens, hq, hkv, d, causal, dtype, peers_kind, peers,
     q0, k0, v0 = (cupy.asnumpy(x) for x in (q[:qo_lens[0]], k[:kv_lens[0]], v[:kv_lens[0]]))
     tail = min(64, qo_lens[0])
     ref, _ = reference.attend(q0[-tail:, :g], k0[:, :1], v0[:, :1], causal=causal, **opts)
-    row["rel_err"] = _rel_err(cupy.asnumpy(out[qo_lens[0] - tail:qo_lens[0], :g]), ref)
+    row.update(check(cupy.asnumpy(out[qo_lens[0] - tail:qo_lens[0], :g]), ref, dtype))
     # Peers run plain (causal) attention: with extra options their figure would not compare.
-    row["peers"] = peers_kind(q, k, v, qo_indptr, kv_indptr, qo_lens, (hq, hkv, d), causal,
-                              flops, time_ms) if peers and not opts else {}
+    peer_name, peer_fn = peers_kind
+    run_peers(row, {peer_name: lambda: peer_fn(q, k, v, qo_indptr, kv_indptr, qo_lens,
+                                               (hq, hkv, d), causal, flops, time_ms)}
+              if peers and not opts else {})
     return row
 
 
@@ -237,8 +290,8 @@ def prefill(case, peers, time_ms, host_us, ceil):
     opts = _attention_options(case)
     name = f"B{b} S{s} {hq}/{hkv} hd{d}{kind}{_describe(opts)}"
     return _ragged_case([s] * b, [s] * b, hq, hkv, d, causal or causal_mask,
-                        DTYPES[case.get("dtype", "float16")], _sdpa_peers, peers, time_ms, host_us,
-                        ceil, name, causal_mask, opts)
+                        DTYPES[case.get("dtype", "float16")], ("torch sdpa", _sdpa_peers), peers,
+                        time_ms, host_us, ceil, name, causal_mask, opts)
 
 
 def ragged(case, peers, time_ms, host_us, ceil):
@@ -251,8 +304,8 @@ def ragged(case, peers, time_ms, host_us, ceil):
     name = (f"{case['batch']} x [{case['low']}, {case['high']}] {hq}/{hkv} hd{d}"
             f"{' causal' if causal else ''}{_describe(opts)}")
     return _ragged_case(lens, lens, hq, hkv, d, causal, DTYPES[case.get("dtype", "float16")],
-                        _flashinfer_ragged_peers, peers, time_ms, host_us, ceil, name,
-                        opts=opts)
+                        ("flashinfer", _flashinfer_ragged_peers), peers, time_ms, host_us,
+                        ceil, name, opts=opts)
 
 
 def chunked(case, peers, time_ms, host_us, ceil):
@@ -288,22 +341,31 @@ def chunked(case, peers, time_ms, host_us, ceil):
     pages = kv_indices[:pages_per]
     k0 = cupy.asnumpy(k_pages[pages]).reshape(-1, hkv, d)[:kv_len, :1]
     v0 = cupy.asnumpy(v_pages[pages]).reshape(-1, hkv, d)[:kv_len, :1]
-    g = hq // hkv
-    ref, _ = reference.attend(cupy.asnumpy(q[new - 64:new, :g]), k0, v0, causal=causal)
-    row["rel_err"] = _rel_err(cupy.asnumpy(out[new - 64:new, :g]), ref)
-    row["peers"] = {}
-    torch, fi = _torch(), _flashinfer()
-    if peers and torch is not None and fi is not None:
-        workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-        peer = fi.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
-        dev = lambda x: torch.from_dlpack(cupy.asarray(x))
-        tq = torch.from_dlpack(q)
-        peer.plan(dev(qo_indptr), dev(kv_indptr), dev(kv_indices), dev(last), hq, hkv, d, ps,
-                  causal=causal, q_data_type=tq.dtype, kv_data_type=tq.dtype)
-        cache = (torch.from_dlpack(k_pages), torch.from_dlpack(v_pages))
-        ms, _ = time_ms(lambda: peer.run(tq, cache))
-        row["peers"]["flashinfer"] = flops / ms / 1e9
+    # Sample check: the last (up to) 64 queries of request 0, first GQA group.
+    g, tail = hq // hkv, min(64, new)
+    ref, _ = reference.attend(cupy.asnumpy(q[new - tail:new, :g]), k0, v0, causal=causal)
+    row.update(check(cupy.asnumpy(out[new - tail:new, :g]), ref, dtype))
+    run_peers(row, {"flashinfer": lambda: _flashinfer_paged_peers(
+        q, k_pages, v_pages, (qo_indptr, kv_indptr, kv_indices, last), (hq, hkv, d, ps), causal,
+        flops, time_ms)} if peers else {})
     return row
+
+
+def _flashinfer_paged_peers(q, k_pages, v_pages, table, dims, causal, flops, time_ms):
+    torch, fi = _torch(), _flashinfer()
+    if torch is None or fi is None:
+        return {}
+    qo_indptr, kv_indptr, kv_indices, last = table
+    hq, hkv, d, ps = dims
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    peer = fi.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+    dev = lambda x: torch.from_dlpack(cupy.asarray(x))
+    tq = torch.from_dlpack(q)
+    peer.plan(dev(qo_indptr), dev(kv_indptr), dev(kv_indices), dev(last), hq, hkv, d, ps,
+              causal=causal, q_data_type=tq.dtype, kv_data_type=tq.dtype)
+    cache = (torch.from_dlpack(k_pages), torch.from_dlpack(v_pages))
+    ms, _ = time_ms(lambda: peer.run(tq, cache))
+    return {"flashinfer": flops / ms / 1e9}
 
 
 # ---- MLA ---------------------------------------------------------------------------------------
@@ -355,19 +417,29 @@ def mla(case, peers, time_ms, host_us, ceil):
                            cupy.asnumpy(ckv[pages]), cupy.asnumpy(kpe[pages]), one,
                            np.array([0, pages_per], np.int32), np.arange(pages_per, dtype=np.int32),
                            kv_lens=kv_lens[:1], sm_scale=scale)
-    row["rel_err"] = _rel_err(cupy.asnumpy(out[qo - 1:qo]), ref)
-    row["peers"] = {}
-    torch, fi = _torch(), _flashinfer()
-    if peers and torch is not None and fi is not None:
-        workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-        peer = fi.mla.BatchMLAPagedAttentionWrapper(workspace)
-        dev = lambda x: torch.from_dlpack(cupy.asarray(x))
-        tsets, next_set = sets.as_torch()
-        peer.plan(dev(qo_indptr), dev(kv_indptr), dev(kv_indices), dev(kv_lens), heads, ckv_dim,
-                  kpe_dim, ps, causal, scale, tsets[0][0].dtype, tsets[0][0].dtype)
-        peer_ms, _ = time_ms(lambda: peer.run(*next_set()))
-        row["peers"]["flashinfer"] = (flops if compute else nbytes * 1e3) / peer_ms / 1e9
+    row.update(check(cupy.asnumpy(out[qo - 1:qo]), ref, dtype))
+    # The peer's figure in the unit of ours: FLOPs or bytes (x 1e3: GB/s, not TFLOP/s) per time.
+    work = flops if compute else nbytes * 1e3
+    run_peers(row, {"flashinfer": lambda: _flashinfer_mla_peers(
+        sets, (qo_indptr, kv_indptr, kv_indices, kv_lens), (heads, ckv_dim, kpe_dim, ps), causal,
+        scale, work, time_ms)} if peers else {})
     return row
+
+
+def _flashinfer_mla_peers(sets, table, dims, causal, scale, work, time_ms):
+    torch, fi = _torch(), _flashinfer()
+    if torch is None or fi is None:
+        return {}
+    qo_indptr, kv_indptr, kv_indices, kv_lens = table
+    heads, ckv_dim, kpe_dim, ps = dims
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    peer = fi.mla.BatchMLAPagedAttentionWrapper(workspace)
+    dev = lambda x: torch.from_dlpack(cupy.asarray(x))
+    tsets, next_set = sets.as_torch()
+    peer.plan(dev(qo_indptr), dev(kv_indptr), dev(kv_indices), dev(kv_lens), heads, ckv_dim,
+              kpe_dim, ps, causal, scale, tsets[0][0].dtype, tsets[0][0].dtype)
+    peer_ms, _ = time_ms(lambda: peer.run(*next_set()))
+    return {"flashinfer": work / peer_ms / 1e9}
 
 
 # ---- cascade (shared prefix) ---------------------------------------------------------------------
@@ -375,8 +447,9 @@ def mla(case, peers, time_ms, host_us, ceil):
 def cascade(case, peers, time_ms, host_us, ceil):
     """B requests share a ``prefix`` of cached tokens and own ``unique`` more each; one new query
     (decode) per request. Figure: K+V bytes a flat decode would read (the prefix once per
-    request) per second, so that cascade and flat compare on one scale; the flat BatchDecode
-    over the concatenated page tables is reported beside the peers."""
+    request) per second, so that cascade and flat compare on one scale. ``% ceiling`` is of the
+    bytes the cascade does read (the prefix once): that rate and the flat BatchDecode's over
+    the concatenated page tables go in ``also``. Inputs under twice the L2 are rotated."""
     b, prefix, unique = case["batch"], case["prefix"], case["unique"]
     hq, hkv, d, ps = case.get("qo_heads", 32), case.get("kv_heads", 8), case.get("head_dim", 128), \
         case.get("page_size", 16)
@@ -394,41 +467,88 @@ def cascade(case, peers, time_ms, host_us, ceil):
     levels = ([i32([0, b]), i32(np.arange(b + 1))], [i32([0, prefix_pages]),
               i32(np.arange(b + 1) * own_pages)], [shared, own.reshape(-1)],
               [i32([prefix]), np.full(b, unique, np.int32)])
+    dims = (hq, hkv, d, ps)
     wrapper = cpattn.CascadeAttention(2)
     plan = lambda: wrapper.plan(*levels, hq, hkv, d, ps, causal=True, dtype=dtype)
     plan_us = host_us(plan, 10)
-    run = lambda: wrapper.run(q, (k_pages, v_pages))
+    token_bytes = 2 * hkv * d * np.dtype(dtype).itemsize  # K + V of one token
+    read = (prefix + b * unique) * token_bytes  # what the cascade reads: the prefix once
+    nbytes = b * (prefix + unique) * token_bytes  # what a flat decode reads
+    sets = Rotation((q, k_pages, v_pages), read)  # inputs smaller than twice the L2: rotated
+    run = lambda: (lambda q, k, v: wrapper.run(q, (k, v)))(*sets.next())
+    for _ in range(sets.copies):  # the steady state of a loop over layers: each set seen before
+        run()
     ms, spread = time_ms(run)
-    out = run()
-    nbytes = 2 * b * (prefix + unique) * hkv * d * np.dtype(dtype).itemsize
+    out = run()  # every set holds the same inputs, so any run's output is the one to check
     row = dict(case=f"B{b} prefix {prefix} + {unique} own, {hq}/{hkv} hd{d} p{ps} decode",
-               unit="GB/s flat-equivalent", value=nbytes / ms / 1e6, ms=ms, spread_ms=spread,
-               plan_us=plan_us, run_us=host_us(run, 20))
-    row["pct_ceiling"] = 100 * row["value"] / ceil["copy_GBps"]
-    # Flat: every request's table is the prefix pages then its own.
-    flat_indices = np.concatenate([np.concatenate([shared, own[r]]) for r in range(b)])
-    flat_indptr = i32(np.arange(b + 1) * (prefix_pages + own_pages))
-    flat_lens = np.full(b, prefix + unique, np.int32)
-    flat = cpattn.BatchDecode()
-    flat.plan(flat_indptr, flat_indices, None, hq, hkv, d, ps, kv_lens=flat_lens, dtype=dtype)
-    flat_ms, _ = time_ms(lambda: flat.run(q, (k_pages, v_pages)))
-    row["also"] = f"cpattn flat BatchDecode {nbytes / flat_ms / 1e6:.0f} GB/s"
-    row["rel_err"] = _rel_err(cupy.asnumpy(out), cupy.asnumpy(flat.run(q, (k_pages, v_pages))))
-    row["peers"] = {}
-    torch, fi = _torch(), _flashinfer()
-    if peers and torch is not None and fi is not None:
-        workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-        peer = fi.MultiLevelCascadeAttentionWrapper(2, workspace, "NHD")
-        dev = lambda x: torch.from_dlpack(cupy.asarray(x))
-        last = [i32([ps]), np.full(b, unique - (own_pages - 1) * ps, np.int32)]
-        peer.plan([dev(x) for x in levels[0]], [dev(x) for x in levels[1]],
-                  [dev(x) for x in levels[2]], [dev(x) for x in last], hq, hkv, d, ps,
-                  causal=True, q_data_type=torch.float16 if dtype == A.FLOAT16 else torch.bfloat16)
-        tq = torch.from_dlpack(q)
-        cache = (torch.from_dlpack(k_pages), torch.from_dlpack(v_pages))
-        peer_ms, _ = time_ms(lambda: peer.run(tq, cache))
-        row["peers"]["flashinfer cascade"] = nbytes / peer_ms / 1e6
+               unit="GB/s flat-equivalent", value=nbytes / ms / 1e6, input_sets=sets.copies,
+               ms=ms, spread_ms=spread, plan_us=plan_us, run_us=host_us(run, 20))
+    row["pct_ceiling"] = 100 * (read / ms / 1e6) / ceil["copy_GBps"]
+    flat_ms = _flat_decode(sets, shared, own, dims, prefix + unique, dtype, time_ms)
+    row["also"] = (f"{read / ms / 1e6:.0f} GB/s read, cpattn flat BatchDecode "
+                   f"{nbytes / flat_ms / 1e6:.0f} GB/s flat-equivalent")
+    row.update(_cascade_check(q, k_pages, v_pages, out, shared, own, dims, prefix + unique,
+                              dtype))
+    last = [i32([ps]), np.full(b, unique - (own_pages - 1) * ps, np.int32)]
+    run_peers(row, {"flashinfer": lambda: _flashinfer_cascade_peers(
+        sets, levels, last, dims, nbytes, time_ms)} if peers else {})
     return row
+
+
+def _flat_tables(shared, own, requests):
+    """Page table of ``requests`` (ids into ``own``'s rows) when each lists the prefix pages
+    then its own: ``(kv_indptr, kv_indices)``, int32."""
+    indices = np.concatenate([np.concatenate([shared, own[r]]) for r in requests])
+    indptr = np.arange(len(requests) + 1) * (len(shared) + own.shape[1])
+    return indptr.astype(np.int32), indices.astype(np.int32)
+
+
+def _flat_decode(sets, shared, own, dims, kv_len, dtype, time_ms) -> float:
+    """Milliseconds of cpattn's BatchDecode over the flat tables (each request reads the
+    prefix itself), on the same rotated inputs."""
+    hq, hkv, d, ps = dims
+    b = own.shape[0]
+    indptr, indices = _flat_tables(shared, own, range(b))
+    flat = cpattn.BatchDecode()
+    flat.plan(indptr, indices, None, hq, hkv, d, ps, kv_lens=np.full(b, kv_len, np.int32),
+              dtype=dtype)
+    run = lambda: (lambda q, k, v: flat.run(q, (k, v)))(*sets.next())
+    for _ in range(sets.copies):
+        run()
+    ms, _ = time_ms(run)
+    return ms
+
+
+def _cascade_check(q, k_pages, v_pages, out, shared, own, dims, kv_len, dtype) -> dict:
+    """Requests 0 and B-1, first GQA group, against reference.paged_decode over each one's
+    prefix pages followed by its own (the concatenated keys)."""
+    hq, hkv, d, ps = dims
+    g = hq // hkv
+    sample = sorted({0, own.shape[0] - 1})
+    _, ids = _flat_tables(shared, own, sample)
+    pages = lambda pool: cupy.asnumpy(pool[ids][:, :, :1])  # kv head 0: [pages, ps, 1, d]
+    n, per = len(sample), len(ids) // len(sample)
+    ref, _ = reference.paged_decode(
+        cupy.asnumpy(q)[sample, :g], pages(k_pages), pages(v_pages),
+        (np.arange(n + 1) * per).astype(np.int32), np.arange(n * per, dtype=np.int32),
+        kv_lens=np.full(n, kv_len, np.int32))
+    return check(cupy.asnumpy(out)[sample, :g], ref, dtype)
+
+
+def _flashinfer_cascade_peers(sets, levels, last, dims, nbytes, time_ms):
+    torch, fi = _torch(), _flashinfer()
+    if torch is None or fi is None:
+        return {}
+    hq, hkv, d, ps = dims
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    peer = fi.MultiLevelCascadeAttentionWrapper(2, workspace, "NHD")
+    dev = lambda x: torch.from_dlpack(cupy.asarray(x))
+    tsets, next_set = sets.as_torch()
+    peer.plan([dev(x) for x in levels[0]], [dev(x) for x in levels[1]],
+              [dev(x) for x in levels[2]], [dev(x) for x in last], hq, hkv, d, ps,
+              causal=True, q_data_type=tsets[0][0].dtype)
+    peer_ms, _ = time_ms(lambda: (lambda q, k, v: peer.run(q, (k, v)))(*next_set()))
+    return {"flashinfer cascade": nbytes / peer_ms / 1e6}
 
 
 SUITES = {"decode": decode, "prefill": prefill, "ragged": ragged, "chunked": chunked, "mla": mla,
