@@ -83,6 +83,16 @@ def _flashinfer():
         return None
 
 
+def _flashinfer_context():
+    """(torch, flashinfer, a 256 MB workspace, host or CuPy array -> torch CUDA tensor), or None
+    when either peer library is absent."""
+    torch, fi = _torch(), _flashinfer()
+    if torch is None or fi is None:
+        return None
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    return torch, fi, workspace, lambda x: torch.from_dlpack(cupy.asarray(x))
+
+
 def _attention_options(case) -> dict:
     """Per-case options beyond the shapes (model presets: Gemma-2's soft cap, sliding windows)."""
     return {k: case[k] for k in ("logits_soft_cap", "window_left") if k in case}
@@ -176,14 +186,13 @@ def decode(case, peers, time_ms, host_us, ceil):
 
 
 def _decode_peers(sets, kv_indptr, kv_indices, last, dims, nbytes, time_ms, opts):
-    torch, fi = _torch(), _flashinfer()
-    if torch is None or fi is None:
+    ctx = _flashinfer_context()
+    if ctx is None:
         return {}
+    torch, fi, workspace, dev = ctx
     hq, hkv, d, ps = dims
-    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
     tsets, next_set = sets.as_torch()
-    dev = lambda x: torch.from_dlpack(cupy.asarray(x))
     wrapper.plan(dev(kv_indptr), dev(kv_indices), dev(last), hq, hkv, d, ps,
                  q_data_type=tsets[0][0].dtype, kv_data_type=tsets[0][0].dtype,
                  window_left=opts.get("window_left", -1),
@@ -267,13 +276,12 @@ def _sdpa_peers(q, k, v, qo_indptr, kv_indptr, qo_lens, dims, causal, flops, tim
 
 
 def _flashinfer_ragged_peers(q, k, v, qo_indptr, kv_indptr, qo_lens, dims, causal, flops, time_ms):
-    torch, fi = _torch(), _flashinfer()
-    if torch is None or fi is None:
+    ctx = _flashinfer_context()
+    if ctx is None:
         return {}
+    torch, fi, workspace, dev = ctx
     hq, hkv, d = dims
-    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     wrapper = fi.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD")
-    dev = lambda x: torch.from_dlpack(cupy.asarray(x))
     tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
     wrapper.plan(dev(qo_indptr), dev(kv_indptr), hq, hkv, d, causal=causal, q_data_type=tq.dtype)
     ms, _ = time_ms(lambda: wrapper.run(tq, tk, tv))
@@ -352,14 +360,13 @@ def chunked(case, peers, time_ms, host_us, ceil):
 
 
 def _flashinfer_paged_peers(q, k_pages, v_pages, table, dims, causal, flops, time_ms):
-    torch, fi = _torch(), _flashinfer()
-    if torch is None or fi is None:
+    ctx = _flashinfer_context()
+    if ctx is None:
         return {}
+    torch, fi, workspace, dev = ctx
     qo_indptr, kv_indptr, kv_indices, last = table
     hq, hkv, d, ps = dims
-    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     peer = fi.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
-    dev = lambda x: torch.from_dlpack(cupy.asarray(x))
     tq = torch.from_dlpack(q)
     peer.plan(dev(qo_indptr), dev(kv_indptr), dev(kv_indices), dev(last), hq, hkv, d, ps,
               causal=causal, q_data_type=tq.dtype, kv_data_type=tq.dtype)
@@ -427,14 +434,13 @@ def mla(case, peers, time_ms, host_us, ceil):
 
 
 def _flashinfer_mla_peers(sets, table, dims, causal, scale, work, time_ms):
-    torch, fi = _torch(), _flashinfer()
-    if torch is None or fi is None:
+    ctx = _flashinfer_context()
+    if ctx is None:
         return {}
+    torch, fi, workspace, dev = ctx
     qo_indptr, kv_indptr, kv_indices, kv_lens = table
     heads, ckv_dim, kpe_dim, ps = dims
-    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     peer = fi.mla.BatchMLAPagedAttentionWrapper(workspace)
-    dev = lambda x: torch.from_dlpack(cupy.asarray(x))
     tsets, next_set = sets.as_torch()
     peer.plan(dev(qo_indptr), dev(kv_indptr), dev(kv_indices), dev(kv_lens), heads, ckv_dim,
               kpe_dim, ps, causal, scale, tsets[0][0].dtype, tsets[0][0].dtype)
@@ -536,13 +542,12 @@ def _cascade_check(q, k_pages, v_pages, out, shared, own, dims, kv_len, dtype) -
 
 
 def _flashinfer_cascade_peers(sets, levels, last, dims, nbytes, time_ms):
-    torch, fi = _torch(), _flashinfer()
-    if torch is None or fi is None:
+    ctx = _flashinfer_context()
+    if ctx is None:
         return {}
+    torch, fi, workspace, dev = ctx
     hq, hkv, d, ps = dims
-    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     peer = fi.MultiLevelCascadeAttentionWrapper(2, workspace, "NHD")
-    dev = lambda x: torch.from_dlpack(cupy.asarray(x))
     tsets, next_set = sets.as_torch()
     peer.plan([dev(x) for x in levels[0]], [dev(x) for x in levels[1]],
               [dev(x) for x in levels[2]], [dev(x) for x in last], hq, hkv, d, ps,
