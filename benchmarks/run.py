@@ -84,8 +84,10 @@ def environment() -> dict:
     dev = cupy.cuda.Device()
     props = cupy.cuda.runtime.getDeviceProperties(dev.id)
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()
+        # "-dirty" when tracked files differ from the commit: the figures are of another tree.
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
+                                capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
     return {"gpu": props["name"].decode(), "driver": cupy.cuda.runtime.driverGetVersion(),
