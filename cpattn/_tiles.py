@@ -226,6 +226,14 @@ MLA_TILES = (MLATileConfig(1, 8, 64, 2, 2), MLATileConfig(2, 8, 64, 2, 2))
 #: 2420 / 2549, a short second wave; at 128 CTAs, split or not, they lose: B128 L8192 4271 / 4397).
 MLA_MANY = MLATileConfig(1, 4, 32, 2, 2, ctas=2)
 
+#: The time of a wave of MLA_MANY pairs (two CTAs an SM) over a wave of MLA_TILES[0] CTAs (one an
+#: SM), from the H200 figures above (B264 L1024: one wave against two, 3775 / 3475 GB/s gives
+#: 2 * 3475 / 3775). With it, ``mla.many_ctas``'s wave counts pick the faster of the two on
+#: every batch measured (16 heads, GB/s, 16-row / MLA_MANY, same process): B264 L512 2894 / 3266,
+#: B300 L512 2529 / 2378, B300 L2048 3252 / 3173, B396 L512 2990 / 2997, B400 L1024 2995 / 3405,
+#: B528 L512 3032 / 3443, B600 L1024 3534 / 3376, B700 L512 3024 / 3436, B792 L512 3119 / 3531.
+MLA_MANY_PAIR_TIME = 1.84
+
 #: A split query tile of the mma.sync MLA kernel is merged by the CTA of its last chunk up to
 #: this many chunks; beyond, by merge_state (one CTA reading them all becomes the tail). H200,
 #: 16 heads, GB/s merge_state / fused: B64 L4096 (2 chunks) 3420 / 3525, B32 L16384 (4) 3800 /

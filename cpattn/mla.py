@@ -198,18 +198,28 @@ def choose_tiles(num_heads: int, max_qo_len: int, hopper: bool = False):
 
 def many_ctas(cfg, group: int, num_heads: int, qo_lens: np.ndarray, num_sms: int):
     """``_tiles.MLA_MANY`` in place of the 16-row tiles when a plan has two CTAs for every SM
-    without splitting any key range: query tiles x head blocks >= 2 x ``num_sms``.
+    without splitting any key range (query tiles x head blocks = ``n >= 2 x num_sms``) and its
+    waves of CTAs take less time that way: a pair of MLA_MANY CTAs sharing an SM takes
+    ``_tiles.MLA_MANY_PAIR_TIME`` times as long as one 16-row CTA alone, so MLA_MANY is taken
+    when ``ceil(n / (2 S)) * MLA_MANY_PAIR_TIME < ceil(n / S)`` (S SMs). A short last wave is
+    what loses: 300 CTAs on 132 SMs run in 3 waves of 16-row CTAs, or 2 of pairs (3.68).
 
     >>> small = _tiles.MLA_TILES[0]
     >>> many_ctas(small, 16, 16, np.ones(264, np.int64), 132) is _tiles.MLA_MANY
     True
     >>> many_ctas(small, 16, 16, np.ones(263, np.int64), 132) is small
     True
+    >>> many_ctas(small, 16, 16, np.ones(300, np.int64), 132) is small
+    True
     """
     if cfg is not _tiles.MLA_TILES[0]:
         return cfg
     ctas = int(np.sum(-(-qo_lens // (cfg.rows // group)))) * (num_heads // group)
-    return _tiles.MLA_MANY if ctas >= _tiles.MLA_MANY.ctas * num_sms else cfg
+    pairs = _tiles.MLA_MANY.ctas * num_sms
+    if ctas < pairs:
+        return cfg
+    waves, pair_waves = -(-ctas // num_sms), -(-ctas // pairs)
+    return _tiles.MLA_MANY if pair_waves * _tiles.MLA_MANY_PAIR_TIME < waves else cfg
 
 
 class BatchMLA:

@@ -135,9 +135,9 @@ def test_mla_doctests():
 
 
 def test_many_ctas_takes_large_unsplit_batches_of_16_rows():
-    """Two CTAs an SM of MLA_MANY when query tiles x head blocks fill every SM twice over:
-    16 heads of one query, 8 heads of up to two a tile (zero-length requests give none); the
-    32-row and wgmma tiles are kept."""
+    """Two CTAs an SM of MLA_MANY when query tiles x head blocks fill every SM twice over and
+    its waves are shorter: 16 heads of one query, 8 heads of up to two a tile (zero-length
+    requests give none); the 32-row and wgmma tiles are kept."""
     small, many = _tiles.MLA_TILES[0], _tiles.MLA_MANY
     assert many.ctas == 2 and many.rows == small.rows
     assert 2 * (many.smem_bytes() + 1024) <= 228 * 1024  # two CTAs' shared memory fit an SM
@@ -148,6 +148,11 @@ def test_many_ctas_takes_large_unsplit_batches_of_16_rows():
     assert mla.many_ctas(small, 8, 8, np.array([2] * 264 + [0] * 9), 132) is many
     assert mla.many_ctas(small, 8, 8, np.array([3] * 132 + [0] * 200), 132) is many  # 2 tiles each
     assert mla.many_ctas(_tiles.MLA_TILES[1], 32, 32, ones, 132) is _tiles.MLA_TILES[1]
+    # By waves: 3 of 16-row CTAs beat 2 of pairs at 300 and 396 CTAs, not at 400 or 528;
+    # 5 beat 3 at 600, 6 lose to 3 at 700.
+    for ctas, pick in ((300, small), (396, small), (400, many), (528, many), (600, small),
+                       (700, many), (2048, many)):
+        assert mla.many_ctas(small, 16, 16, np.ones(ctas, np.int64), 132) is pick, ctas
     assert mla.many_ctas(_tiles.MLA_SM90, 64, 128, ones, 132) is _tiles.MLA_SM90
 
 

@@ -140,11 +140,12 @@ def test_split_merged_in_the_kernel_or_by_merge_state(fused_most, monkeypatch):
 @pytest.mark.parametrize("heads, qo, page_size, dtype", [(16, 1, 16, A.BFLOAT16),
                                                          (8, 2, 5, A.FLOAT16)])
 def test_large_batches_take_two_ctas_an_sm(heads, qo, page_size, dtype):
-    """A batch with two 16-row tiles for every SM runs _tiles.MLA_MANY (4 warps, 32-key tiles,
-    two CTAs an SM), unsplit: short and long requests, zero-length ones, causal query pairs."""
+    """A batch of two 16-row tiles for every SM (one wave of pairs) runs _tiles.MLA_MANY (4 warps,
+    32-key tiles, two CTAs an SM), unsplit: short and long requests, zero-length ones, causal
+    query pairs."""
     from cpattn import _core, _tiles
     rng = np.random.default_rng([heads, qo, page_size])
-    batch = 2 * _core.num_sms() + 7
+    batch = 2 * _core.num_sms()
     kv_lens = rng.integers(0, 200, batch)
     kv_lens[::50], kv_lens[3], kv_lens[4] = 0, 1000, 33
     wrapper = run_and_check(rng, heads, page_size, kv_lens, [qo] * batch, dtype, causal=qo > 1)
