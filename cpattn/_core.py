@@ -6,6 +6,7 @@ Every attention entry point (single, ragged, paged, decode) comes down to the sa
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from dataclasses import dataclass
@@ -485,6 +486,43 @@ def preload(cfg: _tiles.TileConfig, dtype, head_dim: int) -> None:
 
 
 _launch_kernel = _current_stream = None  # CuPy's cuLaunchKernel and current stream (DirectLaunch)
+_launch_kernel_ex = None  # the driver's cuLaunchKernelEx (ctypes), for dependent launches
+
+#: ``CUlaunchConfig`` (cuda.h): grid, block, dynamic shared memory, stream, attributes.
+LAUNCH_CONFIG_DTYPE = np.dtype({
+    "names": ["grid", "block", "smem", "stream", "attrs", "num_attrs"],
+    "formats": [(np.uint32, 3), (np.uint32, 3), np.uint32, np.uint64, np.uint64, np.uint32],
+    "offsets": [0, 12, 24, 32, 40, 48], "itemsize": 56})
+#: ``CUlaunchAttribute``: its id, then its value (a 64-byte union) at offset 8.
+LAUNCH_ATTRIBUTE_DTYPE = np.dtype({"names": ["id", "value"], "formats": [np.uint32, np.int32],
+                                   "offsets": [0, 8], "itemsize": 72})
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_DEPENDENT: dict = {}
+
+
+def dependent_launch() -> bool:
+    """Whether DirectLaunch launches with programmatic dependent launch: on compute capability
+    9.0 and later, unless ``CPATTN_PDL=0``. A kernel so launched may start while the kernel
+    before it in the stream runs its last CTAs; it waits for that kernel (all its writes
+    visible) before its first global access (kernels_cu/common/grid_dependency.cuh), so only
+    its launch and the set-up of its CTAs overlap. Read when a launch is planned."""
+    if os.environ.get("CPATTN_PDL", "1") == "0":
+        return False
+    import cupy
+    device = cupy.cuda.Device()
+    if device.id not in _DEPENDENT:
+        _DEPENDENT[device.id] = int(device.compute_capability) >= 90
+    return _DEPENDENT[device.id]
+
+
+def _driver_launch_ex():
+    global _launch_kernel_ex
+    if _launch_kernel_ex is None:
+        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 4  # config, function, kernel parameters, extra
+        _launch_kernel_ex = fn
+    return _launch_kernel_ex
 
 
 class DirectLaunch:
@@ -493,7 +531,9 @@ class DirectLaunch:
     CuPy re-inspects a structured (struct) argument's dtype on every launch, which costs tens of
     microseconds; here each argument is a 0-d NumPy array whose address is taken once, so a launch
     is one driver call. The driver copies the argument bytes when the launch is enqueued, so they
-    may be changed right after.
+    may be changed right after. Where ``dependent_launch()`` holds, the call is
+    ``cuLaunchKernelEx`` with programmatic stream serialization (its config kept here too; a
+    launch writes only the stream into it).
     """
 
     def __init__(self, kernel, grid, block, smem: int, args):
@@ -501,6 +541,7 @@ class DirectLaunch:
         import cupy
         from cupy_backends.cuda.api import driver
         _launch_kernel, _current_stream = driver.launchKernel, cupy.cuda.get_current_stream
+        self._check = driver.check_status
         self.func = kernel.kernel.ptr
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.block = tuple(block) + (1,) * (3 - len(block))
@@ -508,12 +549,30 @@ class DirectLaunch:
         self.args = [np.asarray(a) for a in args]  # 0-d arrays owning the argument bytes
         self._pointers = np.array([a.ctypes.data for a in self.args], np.uint64)
         self._pointers_address = self._pointers.ctypes.data
+        self.dependent = dependent_launch()
+        if self.dependent:
+            self._attribute = np.zeros((), LAUNCH_ATTRIBUTE_DTYPE)
+            self._attribute["id"], self._attribute["value"] = _PROGRAMMATIC_STREAM_SERIALIZATION, 1
+            self._config = np.zeros((), LAUNCH_CONFIG_DTYPE)
+            self._config["grid"], self._config["block"] = self.grid, self.block
+            self._config["smem"], self._config["num_attrs"] = smem, 1
+            self._config["attrs"] = self._attribute.ctypes.data
+            self._config_words = self._config.reshape(1).view(np.uint64)  # [4]: the stream
+            self._config_address = self._config.ctypes.data
+            self._launch_ex = _driver_launch_ex()
 
     def __call__(self, stream=None) -> None:
         if self.grid[0] == 0:
             return
-        _launch_kernel(self.func, *self.grid, *self.block, self.smem,
-                       (stream or _current_stream()).ptr, self._pointers_address, 0)
+        stream = (stream or _current_stream()).ptr
+        if self.dependent:
+            self._config_words[4] = stream
+            status = self._launch_ex(self._config_address, self.func, self._pointers_address, None)
+            if status:
+                self._check(status)
+            return
+        _launch_kernel(self.func, *self.grid, *self.block, self.smem, stream,
+                       self._pointers_address, 0)
 
 
 class Launcher:

@@ -12,6 +12,7 @@
 // Tiles of TILE keys stream through STAGES shared-memory buffers with cp.async; keys past the
 // item's range are zero-filled (V included: 0 * NaN would poison the output) and masked.
 #include "common/dtypes.cuh"
+#include "common/grid_dependency.cuh"
 #include "common/mma.cuh"
 #include "common/attention_params.cuh"
 #include "common/work_item.cuh"
@@ -28,6 +29,7 @@ constexpr int min_ctas_per_sm() { return WARPS_KV > 1 && HEAD_DIM <= 128 ? 3 : 1
 template <typename T, int HEAD_DIM, int M_TILES, int WARPS_Q, int WARPS_KV, int TILE, int STAGES>
 __global__ void __launch_bounds__(32 * WARPS_Q * WARPS_KV, min_ctas_per_sm<WARPS_KV, HEAD_DIM>())
 batch_attention_kernel(const AttentionParams p) {
+  enter_dependent_grid();  // common/grid_dependency.cuh: before any global access
   constexpr int ROWS = 16 * M_TILES * WARPS_Q;
   constexpr int CHUNKS = HEAD_DIM / 8;  // 16-byte chunks per row of q, k, v
   constexpr int THREADS = 32 * WARPS_Q * WARPS_KV;

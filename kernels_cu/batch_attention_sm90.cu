@@ -19,6 +19,7 @@
 //   each warp arrives on the stage's "empty" barrier, which the producer waits for to refill it.
 // Keys past the item's range are zero-filled and masked.
 #include "common/dtypes.cuh"
+#include "common/grid_dependency.cuh"
 #include "common/mma.cuh"
 #include "common/wgmma.cuh"
 #include "common/mbarrier.cuh"
@@ -79,6 +80,7 @@ __device__ __forceinline__ void write_staged_rows(const AttentionParams& p, cons
 template <typename T, int HEAD_DIM, int WARPGROUPS, int TILE, int STAGES, int CTAS>
 __global__ void __launch_bounds__(128 * (WARPGROUPS + 1), CTAS)
 batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTensorMaps maps) {
+  enter_dependent_grid();  // common/grid_dependency.cuh: before any global access
   constexpr int ROWS = 64 * WARPGROUPS;
   constexpr int CHUNKS = HEAD_DIM / 8;        // 16-byte chunks per row of q, k, v
   constexpr int PV_N = HEAD_DIM >= 128 ? 128 : 64;  // output dims of one P V wgmma

@@ -19,6 +19,7 @@
 //     with p.merge_counters, the last chunk of a split request to finish merges its states
 //     (common/fused_merge.cuh), all four warps, and no merge kernel runs.
 #include "common/dtypes.cuh"
+#include "common/grid_dependency.cuh"
 #include "common/mma.cuh"
 #include "common/wgmma.cuh"
 #include "common/mbarrier.cuh"
@@ -35,6 +36,7 @@ using namespace cpattn;
 template <typename T, int HEAD_DIM, int TILE, int STAGES, int CTAS>
 __global__ void __launch_bounds__(256, CTAS)
 batch_decode_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTensorMaps maps) {
+  enter_dependent_grid();  // common/grid_dependency.cuh: before any global access
   constexpr int ROWS = 16, WARPS = 4, WARP_KEYS = TILE / WARPS;
   constexpr int CHUNKS = HEAD_DIM / 8;  // 16-byte chunks per row of q, k, v
   constexpr int STATE = state_floats<HEAD_DIM>() * 32;  // floats of a published warp state

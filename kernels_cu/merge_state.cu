@@ -14,6 +14,7 @@
 // A view with an indptr is variable-length: row token's states are indptr[token]..indptr[token+1]
 // (split-KV partials, where each request was cut into its own number of chunks).
 #include "common/dtypes.cuh"
+#include "common/grid_dependency.cuh"
 #include "common/state.cuh"
 
 using namespace cpattn;
@@ -76,6 +77,7 @@ __global__ void merge_state_kernel(const T* __restrict__ v_a,      // view a: v 
                                    TOut* __restrict__ v_out,       // [n, H, D] contiguous
                                    float* __restrict__ s_out,      // [n, H] contiguous
                                    const int num_tokens, const int num_heads, const int head_dim) {
+  enter_dependent_grid();  // common/grid_dependency.cuh: before any global access
   constexpr int VEC = Vec16<T>::N;
   const int row = blockIdx.x * blockDim.y + threadIdx.y;
   const bool active = row < num_tokens * num_heads;

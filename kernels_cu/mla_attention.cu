@@ -23,6 +23,7 @@
 // Every warp follows the same running maxima, so each keeps its own part of the denominators
 // (over its keys; 0 for parts past 0) and of O (over its dims); they are summed at the end.
 #include "common/dtypes.cuh"
+#include "common/grid_dependency.cuh"
 #include "common/state.cuh"
 #include "common/mma.cuh"
 #include "common/mla_params.cuh"
@@ -37,6 +38,7 @@ constexpr int ROW_CHUNKS = MLA_ROW_CHUNKS;  // 16-byte chunks of a [ckv | kpe] k
 
 template <typename T, int M_TILES, int WARPS, int TILE, int STAGES, int KSPLIT>
 __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAParams p) {
+  enter_dependent_grid();  // common/grid_dependency.cuh: before any global access
   constexpr int ROWS = 16 * M_TILES;
   constexpr int THREADS = 32 * WARPS;
   constexpr int KEY_WARPS = WARPS / KSPLIT;      // warps across a tile's keys in S

@@ -20,6 +20,7 @@
 // O of its dims; the denominators are summed at the end. Q, the key tiles and P sit in the
 // 128-byte swizzled layout of common/wgmma.cuh.
 #include "common/dtypes.cuh"
+#include "common/grid_dependency.cuh"
 #include "common/state.cuh"
 #include "common/mma.cuh"
 #include "common/wgmma.cuh"
@@ -38,6 +39,7 @@ constexpr int MLA_CONSUMERS = 256;  // threads of the two consumer warpgroups (n
 template <typename T, int TILE, int STAGES>
 __global__ void __launch_bounds__(384, 1)
 mla_attention_sm90_kernel(const MLAParams p, const __grid_constant__ KVTensorMaps maps) {
+  enter_dependent_grid();  // common/grid_dependency.cuh: before any global access
   constexpr int ROWS = 64;
   constexpr int WG_KEYS = TILE / 2;            // keys of S per warpgroup
   constexpr int WG_DIMS = MLA_CKV_DIM / 2;     // output dims per warpgroup: 256

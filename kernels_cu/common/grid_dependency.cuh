@@ -1,0 +1,30 @@
+// Programmatic dependent launch (sm_90 on; _core.DirectLaunch launches with it there): a grid
+// may start while the grid before it in the stream is still running, so its launch and the
+// set-up of its CTAs overlap that grid's tail. Every kernel so launched calls
+// wait_for_prior_grids() before its first global load or store: the prior grid has then
+// completed and its writes are visible. allow_dependent_grids() lets the next grid launch once
+// every CTA of this one has called it (or exited); that grid waits in its turn.
+// Before sm_90 (and in a launch without the attribute) both are no-ops.
+#pragma once
+
+namespace cpattn {
+
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Both, at a kernel's start: its CTAs wait for the prior grid and let the next one launch.
+__device__ __forceinline__ void enter_dependent_grid() {
+  wait_for_prior_grids();
+  allow_dependent_grids();
+}
+
+}  // namespace cpattn
