@@ -543,7 +543,6 @@ class DirectLaunch:
         _launch_kernel, _current_stream = driver.launchKernel, cupy.cuda.get_current_stream
         self._check = driver.check_status
         self.func = kernel.kernel.ptr
-        self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.block = tuple(block) + (1,) * (3 - len(block))
         self.smem = smem
         self.args = [np.asarray(a) for a in args]  # 0-d arrays owning the argument bytes
@@ -554,15 +553,27 @@ class DirectLaunch:
             self._attribute = np.zeros((), LAUNCH_ATTRIBUTE_DTYPE)
             self._attribute["id"], self._attribute["value"] = _PROGRAMMATIC_STREAM_SERIALIZATION, 1
             self._config = np.zeros((), LAUNCH_CONFIG_DTYPE)
-            self._config["grid"], self._config["block"] = self.grid, self.block
+            self._config["block"] = self.block
             self._config["smem"], self._config["num_attrs"] = smem, 1
             self._config["attrs"] = self._attribute.ctypes.data
             self._config_words = self._config.reshape(1).view(np.uint64)  # [4]: the stream
             self._config_address = self._config.ctypes.data
             self._launch_ex = _driver_launch_ex()
+        self.grid = grid
+
+    @property
+    def grid(self) -> tuple:
+        return self._grid
+
+    @grid.setter
+    def grid(self, grid) -> None:
+        """Set by plans that reuse the launch (``Launcher.set_grid``)."""
+        self._grid = tuple(grid) + (1,) * (3 - len(grid))
+        if self.dependent:
+            self._config["grid"] = self._grid
 
     def __call__(self, stream=None) -> None:
-        if self.grid[0] == 0:
+        if self._grid[0] == 0:
             return
         stream = (stream or _current_stream()).ptr
         if self.dependent:
@@ -571,7 +582,7 @@ class DirectLaunch:
             if status:
                 self._check(status)
             return
-        _launch_kernel(self.func, *self.grid, *self.block, self.smem, stream,
+        _launch_kernel(self.func, *self._grid, *self.block, self.smem, stream,
                        self._pointers_address, 0)
 
 

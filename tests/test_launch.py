@@ -22,3 +22,12 @@ def test_launch_config_matches_cuda_h():
 def test_pdl_off_by_environment(monkeypatch):
     monkeypatch.setenv("CPATTN_PDL", "0")
     assert _core.dependent_launch() is False
+
+
+def test_a_new_grid_reaches_the_launch_config():
+    """Plans that reuse a launch set its grid (Launcher.set_grid): the driver's config follows."""
+    launch = _core.DirectLaunch.__new__(_core.DirectLaunch)
+    launch.dependent = True
+    launch._config = np.zeros((), _core.LAUNCH_CONFIG_DTYPE)
+    launch.grid = (7,)
+    assert launch.grid == (7, 1, 1) and launch._config["grid"].tolist() == [7, 1, 1]
