@@ -16,7 +16,7 @@ from test_mla_gpu import CKV, SM_SCALE, latent_batch, queries
 
 pytestmark = pytest.mark.gpu
 
-STEPS = 6
+STEPS = 4
 
 
 @pytest.fixture(params=["1", "0"], ids=["pdl", "plain"])
@@ -74,7 +74,7 @@ def test_decode_runs_back_to_back(pdl, kv_lens):
         assert_close(out, ref, dtype, "out")
 
 
-@pytest.mark.parametrize("kv_lens", [[20000], [700] * 300, [5000, 0, 64, 9000]],
+@pytest.mark.parametrize("kv_lens", [[20000], [40] * 150, [5000, 0, 64, 9000]],
                          ids=["split", "unsplit", "mixed"])
 def test_mla_runs_back_to_back(pdl, kv_lens):
     dtype, heads, ps = A.BFLOAT16, 16, 64
