@@ -56,15 +56,17 @@ def _chains(run, q0, out_shape):
     return host
 
 
-@pytest.mark.parametrize("kv_lens", [[4000], [300] * 70, [900, 0, 33, 2500]],
+@pytest.mark.parametrize("kv_lens, split", [([4000], True), ([300] * 140, False),
+                                            ([900, 0, 33, 2500], True)],
                          ids=["split", "unsplit", "mixed"])
-def test_decode_runs_back_to_back(pdl, kv_lens):
+def test_decode_runs_back_to_back(pdl, kv_lens, split):
     dtype, hq, hkv, d, ps = A.FLOAT16, 8, 2, 128, 16
     rng = np.random.default_rng(len(kv_lens))
     k, v, kv_indptr, kv_indices, lens = paged_batch(rng, kv_lens, ps, hkv, d, dtype, "NHD")
     wrapper = cpattn.BatchDecode()
     wrapper.plan(kv_indptr, kv_indices, None, hq, hkv, d, ps, kv_lens=lens, dtype=dtype)
     _expect_launch(wrapper._plan["launch"].launch, pdl)
+    assert wrapper._plan["split"] == split
     import cupy
     kd, vd = cupy.asarray(k), cupy.asarray(v)
     q0 = rng.standard_normal((len(kv_lens), hq, d)).astype(dtype)
@@ -74,9 +76,10 @@ def test_decode_runs_back_to_back(pdl, kv_lens):
         assert_close(out, ref, dtype, "out")
 
 
-@pytest.mark.parametrize("kv_lens", [[20000], [40] * 150, [5000, 0, 64, 9000]],
+@pytest.mark.parametrize("kv_lens, split", [([20000], True), ([40] * 150, False),
+                                            ([5000, 0, 64, 9000], True)],
                          ids=["split", "unsplit", "mixed"])
-def test_mla_runs_back_to_back(pdl, kv_lens):
+def test_mla_runs_back_to_back(pdl, kv_lens, split):
     dtype, heads, ps = A.BFLOAT16, 16, 64
     rng = np.random.default_rng(len(kv_lens))
     ckv, kpe, kv_indptr, kv_indices, lens = latent_batch(rng, kv_lens, ps, dtype)
@@ -86,6 +89,7 @@ def test_mla_runs_back_to_back(pdl, kv_lens):
     wrapper.plan(qo_indptr, kv_indptr, kv_indices, lens, heads, CKV, 64, ps, sm_scale=SM_SCALE,
                  dtype=dtype)
     _expect_launch(wrapper._plan["launch"], pdl)
+    assert wrapper._plan["split"] == split
     import cupy
     q0, q_pe = queries(rng, batch, heads, dtype)
     cd, kd, q_pe_d = cupy.asarray(ckv), cupy.asarray(kpe), cupy.asarray(q_pe)
