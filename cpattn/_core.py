@@ -497,22 +497,33 @@ LAUNCH_CONFIG_DTYPE = np.dtype({
 LAUNCH_ATTRIBUTE_DTYPE = np.dtype({"names": ["id", "value"], "formats": [np.uint32, np.int32],
                                    "offsets": [0, 8], "itemsize": 72})
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-_DEPENDENT: dict = {}
 
 
 def dependent_launch() -> bool:
-    """Whether DirectLaunch launches with programmatic dependent launch: on compute capability
-    9.0 and later, unless ``CPATTN_PDL=0``. A kernel so launched may start while the kernel
-    before it in the stream runs its last CTAs; it waits for that kernel (all its writes
-    visible) before its first global access (kernels_cu/common/grid_dependency.cuh), so only
-    its launch and the set-up of its CTAs overlap. Read when a launch is planned."""
-    if os.environ.get("CPATTN_PDL", "1") == "0":
-        return False
+    """Whether DirectLaunch launches with programmatic dependent launch: by default on compute
+    capability 9.0 (Hopper, where the GPU tests run it, CUDA-graph capture included);
+    ``CPATTN_PDL=1`` asks for it on any GPU that has it (9.0 and later), ``CPATTN_PDL=0`` turns
+    it off. A kernel so launched may start while the kernel before it in the stream runs its
+    last CTAs; it waits for that kernel (all its writes visible) before its first global access
+    (kernels_cu/common/grid_dependency.cuh), so only its launch and the set-up of its CTAs
+    overlap. Read when a launch is built: a wrapper's first plan of a shape (later plans of
+    that shape reuse the launch)."""
     import cupy
-    device = cupy.cuda.Device()
-    if device.id not in _DEPENDENT:
-        _DEPENDENT[device.id] = int(device.compute_capability) >= 90
-    return _DEPENDENT[device.id]
+    return pdl_for(os.environ.get("CPATTN_PDL", ""), cupy.cuda.Device().compute_capability)
+
+
+def pdl_for(setting: str, compute_capability: str) -> bool:
+    """``dependent_launch`` given the ``CPATTN_PDL`` setting and a CuPy compute capability.
+
+    >>> pdl_for("", "90"), pdl_for("", "100"), pdl_for("1", "100"), pdl_for("1", "86")
+    (True, False, True, False)
+    >>> pdl_for("0", "90")
+    False
+    """
+    capability = int(compute_capability)
+    if setting == "0" or capability < 90:
+        return False
+    return setting == "1" or capability == 90
 
 
 def _driver_launch_ex():

@@ -221,7 +221,7 @@ MLA_TILES = (MLATileConfig(1, 8, 64, 2, 2), MLATileConfig(2, 8, 64, 2, 2))
 
 #: 16 rows when a plan has two CTAs for every SM without splitting any key range (a large batch):
 #: 4 warps (at most 255 registers each) and 32-key tiles (96 KB of shared memory), so two CTAs
-#: share an SM and one computes while the other waits (H200, 16 heads, GB/s against
+#: share an SM and one computes while the other waits (H200, 16 heads, GB/s, MLA_MANY /
 #: MLA_TILES[0]: B264 L1024 3775 / 3475, B512 L1024 3915 / 3655, B2048 L256 3191 / 2752; B300 L512
 #: 2420 / 2549, a short second wave; at 128 CTAs, split or not, they lose: B128 L8192 4271 / 4397).
 MLA_MANY = MLATileConfig(1, 4, 32, 2, 2, ctas=2)
@@ -229,7 +229,8 @@ MLA_MANY = MLATileConfig(1, 4, 32, 2, 2, ctas=2)
 #: The time of a wave of MLA_MANY pairs (two CTAs an SM) over a wave of MLA_TILES[0] CTAs (one an
 #: SM), from the H200 figures above (B264 L1024: one wave against two, 3775 / 3475 GB/s gives
 #: 2 * 3475 / 3775). With it, ``mla.many_ctas``'s wave counts pick the faster of the two on
-#: every batch measured (16 heads, GB/s, 16-row / MLA_MANY, same process): B264 L512 2894 / 3266,
+#: every batch measured but a tie (B396, 2990 / 2997: the 16-row tiles are picked), 16 heads,
+#: GB/s, 16-row / MLA_MANY, same process: B264 L512 2894 / 3266,
 #: B300 L512 2529 / 2378, B300 L2048 3252 / 3173, B396 L512 2990 / 2997, B400 L1024 2995 / 3405,
 #: B528 L512 3032 / 3443, B600 L1024 3534 / 3376, B700 L512 3024 / 3436, B792 L512 3119 / 3531.
 MLA_MANY_PAIR_TIME = 1.84

@@ -8,7 +8,7 @@ import pytest
 
 import cpattn
 import cpattn._arrays as A
-from cpattn import _core, reference
+from cpattn import reference
 
 from gpu_utils import assert_close
 from test_decode_gpu import paged_batch

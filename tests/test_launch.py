@@ -1,5 +1,5 @@
 """DirectLaunch's driver structures (no GPU): the layouts of cuda.h's CUlaunchConfig and
-CUlaunchAttribute, and CPATTN_PDL=0."""
+CUlaunchAttribute, and when programmatic dependent launch is on (CPATTN_PDL)."""
 import numpy as np
 
 from cpattn import _core
@@ -19,9 +19,18 @@ def test_launch_config_matches_cuda_h():
     assert int(words["stream"]) == 0xABCDEF
 
 
-def test_pdl_off_by_environment(monkeypatch):
-    monkeypatch.setenv("CPATTN_PDL", "0")
-    assert _core.dependent_launch() is False
+def test_pdl_by_compute_capability_and_environment():
+    """On by default on 9.0 only (where the GPU tests run it), forced on by CPATTN_PDL=1 where
+    the GPU has it (9.0 on), off by CPATTN_PDL=0."""
+    assert _core.pdl_for("", "90") and not _core.pdl_for("", "100") and not _core.pdl_for("", "120")
+    assert _core.pdl_for("1", "100") and _core.pdl_for("1", "120") and not _core.pdl_for("1", "86")
+    assert not _core.pdl_for("0", "90") and not _core.pdl_for("", "80")
+
+
+def test_core_doctests():
+    import doctest
+    result = doctest.testmod(_core, extraglobs={"np": np})
+    assert result.failed == 0 and result.attempted >= 3
 
 
 def test_a_new_grid_reaches_the_launch_config():
