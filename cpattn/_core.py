@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _arrays as A
 from . import _tma
-from . import _kernels, _tiles, planner
+from . import _driver, _kernels, _tiles, planner
 
 LOG2E = 1.4426950408889634
 
@@ -486,7 +486,6 @@ def preload(cfg: _tiles.TileConfig, dtype, head_dim: int) -> None:
 
 
 _launch_kernel = _current_stream = None  # CuPy's cuLaunchKernel and current stream (DirectLaunch)
-_launch_kernel_ex = None  # the driver's cuLaunchKernelEx (ctypes), for dependent launches
 
 #: ``CUlaunchConfig`` (cuda.h): grid, block, dynamic shared memory, stream, attributes.
 LAUNCH_CONFIG_DTYPE = np.dtype({
@@ -526,16 +525,6 @@ def pdl_for(setting: str, compute_capability: str) -> bool:
     return setting == "1" or capability == 90
 
 
-def _driver_launch_ex():
-    global _launch_kernel_ex
-    if _launch_kernel_ex is None:
-        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 4  # config, function, kernel parameters, extra
-        _launch_kernel_ex = fn
-    return _launch_kernel_ex
-
-
 class DirectLaunch:
     """``cuLaunchKernel`` on arguments that live in host memory between launches.
 
@@ -569,7 +558,8 @@ class DirectLaunch:
             self._config["attrs"] = self._attribute.ctypes.data
             self._config_words = self._config.reshape(1).view(np.uint64)  # [4]: the stream
             self._config_address = self._config.ctypes.data
-            self._launch_ex = _driver_launch_ex()
+            # config, function, kernel parameters, extra
+            self._launch_ex = _driver.function("cuLaunchKernelEx", *[ctypes.c_void_p] * 4)
         self.grid = grid
 
     @property

@@ -12,6 +12,8 @@ import ctypes
 
 import numpy as np
 
+from . import _driver
+
 #: ``KVTensorMaps`` of kernels_cu/common/tma.cuh: the K and V maps (128 bytes each, 128-byte
 #: aligned), then whether the kernel may use them.
 KV_MAPS_DTYPE = np.dtype({"names": ["k", "v", "enabled"],
@@ -19,21 +21,14 @@ KV_MAPS_DTYPE = np.dtype({"names": ["k", "v", "enabled"],
                           "offsets": [0, 128, 256], "itemsize": 384})
 
 _UINT16, _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_256B, _OOB_ZERO = 1, 0, 3, 3, 0
-_encode = None
 
 
 def _encoder():
-    global _encode
-    if _encode is None:
-        lib = ctypes.CDLL("libcuda.so.1")
-        fn = lib.cuTensorMapEncodeTiled
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
-                       ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64),
-                       ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32),
-                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        _encode = fn
-    return _encode
+    return _driver.function(
+        "cuTensorMapEncodeTiled", ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64),
+        ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32),
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int)
 
 
 def encode_rows(out: np.ndarray, ptr: int, rows: int, heads: int, head_dim: int,

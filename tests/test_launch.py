@@ -40,3 +40,20 @@ def test_a_new_grid_reaches_the_launch_config():
     launch._config = np.zeros((), _core.LAUNCH_CONFIG_DTYPE)
     launch.grid = (7,)
     assert launch.grid == (7, 1, 1) and launch._config["grid"].tolist() == [7, 1, 1]
+
+
+def test_driver_functions_resolved_once(monkeypatch):
+    """_driver.function resolves a name once per signature (here from the C library standing
+    in for libcuda), with an int result and the given argument types."""
+    import ctypes
+    import ctypes.util
+    from cpattn import _driver
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
+    _driver.function.cache_clear()
+    try:
+        fn = _driver.function("abs", ctypes.c_int)
+        assert fn(-5) == 5 and fn.restype is ctypes.c_int and fn.argtypes == [ctypes.c_int]
+        assert _driver.function("abs", ctypes.c_int) is fn
+    finally:
+        _driver.function.cache_clear()  # later callers resolve from libcuda
