@@ -29,7 +29,7 @@ constexpr int min_ctas_per_sm() { return WARPS_KV > 1 && HEAD_DIM <= 128 ? 3 : 1
 template <typename T, int HEAD_DIM, int M_TILES, int WARPS_Q, int WARPS_KV, int TILE, int STAGES>
 __global__ void __launch_bounds__(32 * WARPS_Q * WARPS_KV, min_ctas_per_sm<WARPS_KV, HEAD_DIM>())
 batch_attention_kernel(const AttentionParams p) {
-  enter_dependent_grid();  // common/grid_dependency.cuh: before any global access
+  allow_dependent_grids();  // common/grid_dependency.cuh
   constexpr int ROWS = 16 * M_TILES * WARPS_Q;
   constexpr int CHUNKS = HEAD_DIM / 8;  // 16-byte chunks per row of q, k, v
   constexpr int THREADS = 32 * WARPS_Q * WARPS_KV;
@@ -42,6 +42,7 @@ batch_attention_kernel(const AttentionParams p) {
   WorkItem w;
   // Prefill tiles (one warp column) head-major, decode tiles item-major.
   if (!load_work_item<ROWS, WARPS_KV == 1>(p, p.num_qo_heads / p.group_size, w)) return;
+  wait_for_prior_grids();  // the work item (plan) was read before
   const KeyTiles<TILE> tiles(p, w);
   const int num_tiles = tiles.num_tiles;
 

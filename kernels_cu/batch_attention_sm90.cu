@@ -80,7 +80,7 @@ __device__ __forceinline__ void write_staged_rows(const AttentionParams& p, cons
 template <typename T, int HEAD_DIM, int WARPGROUPS, int TILE, int STAGES, int CTAS>
 __global__ void __launch_bounds__(128 * (WARPGROUPS + 1), CTAS)
 batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTensorMaps maps) {
-  enter_dependent_grid();  // common/grid_dependency.cuh: before any global access
+  allow_dependent_grids();  // common/grid_dependency.cuh; the producer waits in produce_works
   constexpr int ROWS = 64 * WARPGROUPS;
   constexpr int CHUNKS = HEAD_DIM / 8;        // 16-byte chunks per row of q, k, v
   constexpr int PV_N = HEAD_DIM >= 128 ? 128 : 64;  // output dims of one P V wgmma
@@ -101,6 +101,7 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
     return;
   }
   warpgroup_registers_inc<consumer_registers<WARPGROUPS, PRODUCER_REGISTERS>()>();
+  wait_for_prior_grids();  // before any output is written
 
   const int warp = threadIdx.x / 32 - 4;  // among the consumers
   const int row0 = warp * 16;             // = 64 * (warpgroup - 1) + 16 * (warp % 4)

@@ -36,7 +36,7 @@ using namespace cpattn;
 template <typename T, int HEAD_DIM, int TILE, int STAGES, int CTAS>
 __global__ void __launch_bounds__(256, CTAS)
 batch_decode_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTensorMaps maps) {
-  enter_dependent_grid();  // common/grid_dependency.cuh: before any global access
+  allow_dependent_grids();  // common/grid_dependency.cuh; the producer waits in produce_works
   constexpr int ROWS = 16, WARPS = 4, WARP_KEYS = TILE / WARPS;
   constexpr int CHUNKS = HEAD_DIM / 8;  // 16-byte chunks per row of q, k, v
   constexpr int STATE = state_floats<HEAD_DIM>() * 32;  // floats of a published warp state
@@ -64,6 +64,7 @@ batch_decode_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTens
     return;
   }
   warpgroup_registers_inc<consumer_registers<1, PRODUCER_REGISTERS, CTAS>()>();
+  wait_for_prior_grids();  // before any output or partial state is written
 
   using KLayout = SwizzledBlocks<TILE>;
   using QLayout = SwizzledBlocks<ROWS>;

@@ -38,7 +38,7 @@ constexpr int ROW_CHUNKS = MLA_ROW_CHUNKS;  // 16-byte chunks of a [ckv | kpe] k
 
 template <typename T, int M_TILES, int WARPS, int TILE, int STAGES, int KSPLIT>
 __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAParams p) {
-  enter_dependent_grid();  // common/grid_dependency.cuh: before any global access
+  allow_dependent_grids();  // common/grid_dependency.cuh
   constexpr int ROWS = 16 * M_TILES;
   constexpr int THREADS = 32 * WARPS;
   constexpr int KEY_WARPS = WARPS / KSPLIT;      // warps across a tile's keys in S
@@ -58,6 +58,7 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
 
   WorkItem w;
   if (!load_work_item<ROWS>(p, p.num_heads / p.group_size, w)) return;
+  wait_for_prior_grids();  // the work item (plan) was read before
   const int kv_begin = w.kv_begin, kv_end = w.kv_end;
   const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + TILE - 1) / TILE : 0;
 

@@ -39,7 +39,7 @@ constexpr int MLA_CONSUMERS = 256;  // threads of the two consumer warpgroups (n
 template <typename T, int TILE, int STAGES>
 __global__ void __launch_bounds__(384, 1)
 mla_attention_sm90_kernel(const MLAParams p, const __grid_constant__ KVTensorMaps maps) {
-  enter_dependent_grid();  // common/grid_dependency.cuh: before any global access
+  allow_dependent_grids();  // common/grid_dependency.cuh
   constexpr int ROWS = 64;
   constexpr int WG_KEYS = TILE / 2;            // keys of S per warpgroup
   constexpr int WG_DIMS = MLA_CKV_DIM / 2;     // output dims per warpgroup: 256
@@ -48,6 +48,7 @@ mla_attention_sm90_kernel(const MLAParams p, const __grid_constant__ KVTensorMap
 
   WorkItem w;
   if (!load_work_item<ROWS>(p, p.num_heads / p.group_size, w)) return;
+  wait_for_prior_grids();  // the work item (plan) was read before
   const int num_tiles = w.kv_end > w.kv_begin ? (w.kv_end - w.kv_begin + TILE - 1) / TILE : 0;
 
   extern __shared__ __align__(1024) uint4 smem[];

@@ -17,6 +17,7 @@
 #pragma once
 #include "common/mma.cuh"
 #include "common/wgmma.cuh"
+#include "common/grid_dependency.cuh"
 #include "common/mbarrier.cuh"
 #include "common/tma.cuh"
 #include "common/attention_params.cuh"
@@ -38,6 +39,19 @@ constexpr int WORK_SLOT_BYTES = 64;  // _tiles.WORK_SLOT_BYTES: the host counts 
 
 // The producer keeps enough registers for the page ids of its key rows (mbarrier.cuh).
 constexpr int PRODUCER_REGISTERS = 104;
+
+// The plan entries of work x and the page ids of its first tile, read while the prior grid ends
+// (grid_dependency.cuh: the plan alone may be read before the wait), so that produce_works finds
+// them in cache after it. Lane j of each warp reads the id of the tile's page j.
+template <int ROWS, int TILE>
+__device__ __forceinline__ void read_plan_ahead(const AttentionParams& p, int x, bool head_major) {
+  const Work<ROWS, TILE> work(p, x, head_major);
+  int seen = work.tiles.num_tiles;
+  const int key = work.tiles.kv_begin + (threadIdx.x % 32) * p.page_size;
+  if (p.kv_indices != nullptr && key < work.w.kv_end && key < work.tiles.kv_begin + TILE)
+    seen += __ldg(p.kv_indices + p.kv_indptr[work.w.request] + PageSplit(p.page_size).index(key));
+  asm volatile("" ::"r"(seen));  // the loads are kept for their cache lines
+}
 
 // Whether the tile of keys from `first` comes by TMA: the maps are on and, paged, it starts a page.
 __device__ __forceinline__ bool by_tma_tile(const KVTensorMaps& maps, bool paged, int first,
@@ -149,6 +163,8 @@ __device__ __forceinline__ void produce_works(
   uint4* const k_tiles = pipe.k_tiles;
   uint4* const v_tiles = pipe.v_tiles;
   unsigned long long* const full = pipe.full;
+  if (blockIdx.x < works) read_plan_ahead<ROWS, TILE>(p, blockIdx.x, head_major);
+  wait_for_prior_grids();  // Q, K and V may be the prior grid's outputs
   int tile = 0;
   for (int x = blockIdx.x, n = 0; x < works; x += gridDim.x, ++n) {
     const Work<ROWS, TILE> work(p, x, head_major);
