@@ -1,8 +1,9 @@
 """Programmatic dependent launch (compute capability 9.0 on): runs queued back to back, with no
 sync between them, each reading the output of the run before it (read after write) or
-overwriting that run's input (write after read), for decode and MLA, split (fused merge and
-merge kernel) and unsplit plans; every run checked against the reference on the inputs it was
-given. CPATTN_PDL=0 launches the plain way."""
+overwriting that run's input (write after read), for decode, MLA (both tile kinds) and ragged
+prefill, split (merged in the attention kernel or by merge_state's) and unsplit plans; every
+run checked against the reference on the inputs it was given. CPATTN_PDL=0 launches the plain
+way. The split / fused expectations assume a GPU of about 132 SMs (H100 / H200)."""
 import numpy as np
 import pytest
 
@@ -56,17 +57,19 @@ def _chains(run, q0, out_shape):
     return host
 
 
-@pytest.mark.parametrize("kv_lens, split", [([4000], True), ([300] * 140, False),
-                                            ([900, 0, 33, 2500], True)],
-                         ids=["split", "unsplit", "mixed"])
-def test_decode_runs_back_to_back(pdl, kv_lens, split):
+# (kv_lens, split, merged in the attention kernel): 2 KV heads on ~132 SMs.
+@pytest.mark.parametrize("kv_lens, split, fused", [([4000], True, True), ([300] * 140, False, False),
+                                                   ([900, 0, 33, 2500], True, True),
+                                                   ([40000], True, False)],
+                         ids=["split", "unsplit", "mixed", "merge-kernel"])
+def test_decode_runs_back_to_back(pdl, kv_lens, split, fused):
     dtype, hq, hkv, d, ps = A.FLOAT16, 8, 2, 128, 16
     rng = np.random.default_rng(len(kv_lens))
     k, v, kv_indptr, kv_indices, lens = paged_batch(rng, kv_lens, ps, hkv, d, dtype, "NHD")
     wrapper = cpattn.BatchDecode()
     wrapper.plan(kv_indptr, kv_indices, None, hq, hkv, d, ps, kv_lens=lens, dtype=dtype)
     _expect_launch(wrapper._plan["launch"].launch, pdl)
-    assert wrapper._plan["split"] == split
+    assert (wrapper._plan["split"], wrapper._plan["fused"]) == (split, fused)
     import cupy
     kd, vd = cupy.asarray(k), cupy.asarray(v)
     q0 = rng.standard_normal((len(kv_lens), hq, d)).astype(dtype)
@@ -76,11 +79,14 @@ def test_decode_runs_back_to_back(pdl, kv_lens, split):
         assert_close(out, ref, dtype, "out")
 
 
-@pytest.mark.parametrize("kv_lens, split", [([20000], True), ([40] * 150, False),
-                                            ([5000, 0, 64, 9000], True)],
-                         ids=["split", "unsplit", "mixed"])
-def test_mla_runs_back_to_back(pdl, kv_lens, split):
-    dtype, heads, ps = A.BFLOAT16, 16, 64
+# (heads, kv_lens, split, merged in the attention kernel): 16 heads on the 16-row mma.sync
+# tiles, 32 on Hopper's wgmma tiles (the 32-row ones elsewhere).
+@pytest.mark.parametrize("heads, kv_lens, split, fused", [
+    (16, [20000], True, False), (16, [40] * 150, False, False),
+    (16, [5000, 0, 64, 9000], True, False), (16, [3000] * 64, True, True),
+    (32, [3000, 0, 700], True, False)], ids=["split", "unsplit", "mixed", "fused", "heads32"])
+def test_mla_runs_back_to_back(pdl, heads, kv_lens, split, fused):
+    dtype, ps = A.BFLOAT16, 64
     rng = np.random.default_rng(len(kv_lens))
     ckv, kpe, kv_indptr, kv_indices, lens = latent_batch(rng, kv_lens, ps, dtype)
     batch = len(kv_lens)
@@ -89,7 +95,7 @@ def test_mla_runs_back_to_back(pdl, kv_lens, split):
     wrapper.plan(qo_indptr, kv_indptr, kv_indices, lens, heads, CKV, 64, ps, sm_scale=SM_SCALE,
                  dtype=dtype)
     _expect_launch(wrapper._plan["launch"], pdl)
-    assert wrapper._plan["split"] == split
+    assert (wrapper._plan["split"], wrapper._plan["fused"]) == (split, fused)
     import cupy
     q0, q_pe = queries(rng, batch, heads, dtype)
     cd, kd, q_pe_d = cupy.asarray(ckv), cupy.asarray(kpe), cupy.asarray(q_pe)
@@ -97,4 +103,25 @@ def test_mla_runs_back_to_back(pdl, kv_lens, split):
     for q, out in _chains(run, q0, q0.shape):
         ref, _ = reference.mla(q, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, kv_lens=lens,
                                sm_scale=SM_SCALE)
+        assert_close(out, ref, dtype, "out")
+
+
+def test_ragged_prefill_runs_back_to_back(pdl):
+    """The prefill kernels (wgmma on Hopper), causal, GQA 4: out has q's shape."""
+    dtype, hq, hkv, d = A.FLOAT16, 8, 2, 128
+    rng = np.random.default_rng(3)
+    qo_lens, kv_lens = [300, 77, 0, 1000], [300, 500, 9, 1000]
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    kv_indptr = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+    k = rng.standard_normal((int(kv_indptr[-1]), hkv, d)).astype(dtype)
+    v = rng.standard_normal((int(kv_indptr[-1]), hkv, d)).astype(dtype)
+    wrapper = cpattn.BatchPrefillRagged()
+    wrapper.plan(qo_indptr, kv_indptr, hq, hkv, d, causal=True, dtype=dtype)
+    _expect_launch(wrapper._plan["launch"].launch, pdl)
+    import cupy
+    kd, vd = cupy.asarray(k), cupy.asarray(v)
+    q0 = rng.standard_normal((int(qo_indptr[-1]), hq, d)).astype(dtype)
+    run = lambda q, out: wrapper.run(q, kd, vd, out=out)
+    for q, out in _chains(run, q0, q0.shape):
+        ref, _ = reference.ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal=True)
         assert_close(out, ref, dtype, "out")
