@@ -69,7 +69,9 @@ def test_decode_runs_back_to_back(pdl, kv_lens, split, fused):
     wrapper = cpattn.BatchDecode()
     wrapper.plan(kv_indptr, kv_indices, None, hq, hkv, d, ps, kv_lens=lens, dtype=dtype)
     _expect_launch(wrapper._plan["launch"].launch, pdl)
-    assert (wrapper._plan["split"], wrapper._plan["fused"]) == (split, fused)
+    # Only the Hopper decode kernel merges a split request's states itself.
+    from cpattn import _core
+    assert (wrapper._plan["split"], wrapper._plan["fused"]) == (split, fused and _core.hopper_path())
     import cupy
     kd, vd = cupy.asarray(k), cupy.asarray(v)
     q0 = rng.standard_normal((len(kv_lens), hq, d)).astype(dtype)
