@@ -93,14 +93,17 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
   if (threadIdx.x == 0) pipe.init(4 * WARPGROUPS);  // every consumer warp arrives on "empty"
   __syncthreads();
 
-  const int head_blocks = p.num_qo_heads / p.group_size, works = num_works(p, head_blocks);
+  // The work count is read by each warpgroup after its register change (nothing held across).
+  const int head_blocks = p.num_qo_heads / p.group_size;
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer
     warpgroup_registers_dec<PRODUCER_REGISTERS>();
-    produce_works<T, HEAD_DIM, ROWS, TILE, STAGES>(p, maps, pipe, works, true);  // head-major
+    produce_works<T, HEAD_DIM, ROWS, TILE, STAGES>(p, maps, pipe, num_works(p, head_blocks),
+                                                   true);  // head-major
     return;
   }
   warpgroup_registers_inc<consumer_registers<WARPGROUPS, PRODUCER_REGISTERS>()>();
+  const int works = num_works(p, head_blocks);
   wait_for_prior_grids();  // before any output is written
 
   const int warp = threadIdx.x / 32 - 4;  // among the consumers

@@ -10,9 +10,10 @@
 //   empty[s]  stage s read                (one arrival per consumer warp)
 //   q_full[b] Q buffer b and work slot b  (128 producer arrivals + 1 for the slot)
 //   q_empty[b] Q buffer b read            (one arrival per consumer warp)
-// Key tiles come by TMA (ragged rows, or whole power-of-two pages that divide the tile, one box
-// a page), rows past the keys included: the consumers zero V's (zero_rows) and mask K's; by
-// cp.async, zero-filled past the keys, when the maps are off or a tile starts within a page.
+// Key tiles come by TMA (ragged rows, or whole power-of-two pages that divide the tile, a box a
+// page and kind, the kinds spread over the producer's warps), rows past the keys included: the
+// consumers zero V's (zero_rows) and mask K's; by cp.async, zero-filled past the keys, when the
+// maps are off or a tile starts within a page.
 // Tiles are SwizzledBlocks<TILE> (wgmma.cuh): CHUNKS / 8 blocks of TILE rows x 128 bytes.
 #pragma once
 #include "common/mma.cuh"
@@ -185,32 +186,42 @@ __device__ __forceinline__ void produce_works(
     auto by_tma = [&](int t) {  // uniform: the consumers zero V past the keys of these
       return by_tma_tile(maps, kv.paged, tiles.kv_begin + t * TILE, page_mask);
     };
-    // Paged TMA tiles: lane j of warp 0 copies page j of each tile.
+    // TMA tiles: the copies of a tile by kind (K or V of a 64-dim block: kind 2 b + 0 / 1), warp
+    // w of the producer issuing kinds w, w + 4, ...: the copies of one thread (or of one warp's
+    // lanes taking turns) issue one after the other. Paged, lane j of each warp copies page j.
+    constexpr int KINDS = 2 * HEAD_DIM / 64;
     const int lane = threadIdx.x % 32;
-    TilePages<TILE> pages(kv.paged && threadIdx.x < 32, kv.page_table, p.page_size,
-                          tiles.kv_begin, w.kv_end, lane);
+    TilePages<TILE> pages(kv.paged, kv.page_table, p.page_size, tiles.kv_begin, w.kv_end, lane);
     for (int t = 0; t < tiles.num_tiles; ++t, ++tile) {
       const int stage = tile % STAGES, first = tiles.kv_begin + t * TILE;
       mbarrier_wait(&pipe.empty[stage], ((tile / STAGES) & 1) ^ 1);
       if (by_tma(t)) {
-        if (threadIdx.x == 0) mbarrier_arrive_expect_tx(&full[stage], 2 * TILE * HEAD_DIM * 2);
-        if (threadIdx.x < 32) __syncwarp();  // the bytes are expected before any copy lands
-        // Rows [row, row + box) of the maps into the stage's key rows from r.
+        // Each warp's bytes are expected (by its lane 0, which arrives with them) before any of
+        // its copies can land; the other threads arrive.
+        const int warp = threadIdx.x / 32, kinds = (KINDS - warp + 3) / 4;
+        if (lane == 0 && kinds > 0) {
+          mbarrier_arrive_expect_tx(&full[stage], kinds * TILE * 128);
+        } else {
+          mbarrier_arrive(&full[stage]);
+        }
+        __syncwarp();
+        // This warp's kinds of rows [row, row + box) of the maps into the stage's rows from r.
         auto load_box = [&](int r, int row) {
           fence_proxy_async();  // after the stage's earlier cp.async writes
 #pragma unroll
-          for (int b = 0; b < HEAD_DIM / 64; ++b) {
-            const int at = (stage * CHUNKS + b * 8) * TILE + r * 8;
-            tma_load_rows(k_tiles + at, maps.k, b * 64, w.head_block, row, &full[stage]);
-            tma_load_rows(v_tiles + at, maps.v, b * 64, w.head_block, row, &full[stage]);
+          for (int i = 0; i < (KINDS + 3) / 4; ++i) {
+            const int k = warp + 4 * i;
+            if (k >= KINDS) break;
+            const int at = (stage * CHUNKS + k / 2 * 8) * TILE + r * 8;
+            tma_load_rows((k % 2 ? v_tiles : k_tiles) + at, k % 2 ? maps.v : maps.k, k / 2 * 64,
+                          w.head_block, row, &full[stage]);
           }
         };
         if (pages.active) {
           load_box(lane * p.page_size, pages.page * p.page_size);
-        } else if (!kv.paged && threadIdx.x == 0) {
+        } else if (!kv.paged && lane == 0) {
           load_box(0, static_cast<int>(kv.ragged_row) + first);
         }
-        if (threadIdx.x != 0) mbarrier_arrive(&full[stage]);
         // Every thread's page ids when the next tile comes by cp.async.
         if (kv.paged && !by_tma(t + 1)) kv.fetch_pages(t + 1);
       } else {  // zero-filled past the keys: cp.async

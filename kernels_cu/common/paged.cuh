@@ -56,7 +56,7 @@ struct PageSplit {
 };
 
 // Page ids of the bulk (TMA) copies of whole key tiles of whole pages: lane j of a producer warp
-// copies page j of each tile (a box a page), so it holds the ids of page j of tile t and of tile
+// copies (boxes of) page j of each tile, so it holds the ids of page j of tile t and of tile
 // t + 1, each loaded two tiles before its copy. Only lanes with a page of the tile are active.
 template <int TILE>
 struct TilePages {
