@@ -54,9 +54,10 @@ batch_decode_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTens
   if (threadIdx.x == 0) pipe.init(WARPS);  // every consumer warp arrives on "empty"
   __syncthreads();
 
-  const int head_blocks = p.num_qo_heads / p.group_size, works = num_works(p, head_blocks);
+  // Each warpgroup counts the works after its register change (nothing is held across it).
   if (threadIdx.x < 128) {  // producer
     warpgroup_registers_dec<PRODUCER_REGISTERS>();
+    const int works = num_works(p, p.num_qo_heads / p.group_size);
     // Item-major when CTAs loop over several works (H200, 32/8 heads: B256 L1024 3687 -> 3817
     // GB/s); head-major when each has one at most (B16 L16384 3946 -> 4117): measured, not
     // explained.
@@ -74,7 +75,10 @@ batch_decode_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTens
   const float logits_scale = p.soft_cap_log2 > 0.f ? 1.f : p.logits_scale;
 
   int tile = 0;
-  for (int x = blockIdx.x, n = 0; x < works; x += gridDim.x, ++n) {
+  // The work count and head blocks are worked out again where used: at head_dim 256 every
+  // register is taken, and one held through the loop would be spilled.
+  auto head_blocks = [&] { return p.num_qo_heads / p.group_size; };
+  for (int x = blockIdx.x, n = 0; x < num_works(p, head_blocks()); x += gridDim.x, ++n) {
     const int qb = n % 2;
     const Work<ROWS, TILE> work = pipe.wait_work(n);
     const WorkItem& w = work.w;
@@ -151,7 +155,7 @@ batch_decode_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTens
       for (int from = 0; from < WARPS - 1; ++from) fold_rows(st, published + from * STATE);
       store_rows<T, HEAD_DIM>(p, w, 0, st);
       if (FUSED_MERGE && p.merge_counters != nullptr) {
-        const bool last = last_chunk_done(p, w, head_blocks);
+        const bool last = last_chunk_done(p, w, head_blocks());
         if (lead) *last_chunk = last;
       }
     }

@@ -78,30 +78,30 @@ mla_attention_sm90_kernel(const MLAParams p, const __grid_constant__ KVTensorMap
     tiles.fetch_pages(0);
     const int page_mask = p.page_size - 1;
     // Whole tiles of whole pages come by TMA (the plan enables the maps only for power-of-two
-    // pages that divide the tile): lane j of warp 0 copies page j of each tile.
+    // pages that divide the tile): each warp copies its kinds (tma.cuh: the 8 blocks of ckv, then
+    // kpe) and lane j of each warp page j of each tile.
     auto by_tma = [&](int t) {
       const int first = w.kv_begin + t * TILE;
       return maps.enabled && first + TILE <= w.kv_end && (first & page_mask) == 0;
     };
+    constexpr int KINDS = MLA_CKV_DIM / 64 + 1;
     const int lane = threadIdx.x % 32;
-    TilePages<TILE> pages(threadIdx.x < 32, tiles.page_table, p.page_size, w.kv_begin, w.kv_end,
-                          lane);
+    TilePages<TILE> pages(true, tiles.page_table, p.page_size, w.kv_begin, w.kv_end, lane);
     for (int t = 0; t < num_tiles; ++t) {
       const int stage = t % STAGES;
       mbarrier_wait(&empty[stage], ((t / STAGES) & 1) ^ 1);
       if (by_tma(t)) {
-        if (threadIdx.x == 0) mbarrier_arrive_expect_tx(&full[stage], TILE * MLA_ROW_CHUNKS * 16);
-        if (threadIdx.x < 32) __syncwarp();  // the bytes are expected before any copy lands
+        arrive_expecting_warp_kinds<KINDS>(&full[stage], TILE * 128);
         if (pages.active) {
           fence_proxy_async();  // after the stage's earlier cp.async writes
           uint4* dst = kv_tiles + stage * TILE * MLA_ROW_CHUNKS;
           const int r = lane * p.page_size, row = pages.page * p.page_size;
-#pragma unroll
-          for (int b = 0; b < MLA_CKV_DIM / 64; ++b)
-            tma_load_rows(dst + (b * TILE + r) * 8, maps.k, b * 64, 0, row, &full[stage]);
-          tma_load_rows(dst + (MLA_CKV_DIM / 64 * TILE + r) * 8, maps.v, 0, 0, row, &full[stage]);
+          for_warp_kinds<KINDS>([&](int k) {
+            const bool kpe = k == KINDS - 1;
+            tma_load_rows(dst + (k * TILE + r) * 8, kpe ? maps.v : maps.k, kpe ? 0 : k * 64, 0, row,
+                          &full[stage]);
+          });
         }
-        if (threadIdx.x != 0) mbarrier_arrive(&full[stage]);
         // Every thread's page ids when the next tile comes by cp.async.
         if (!by_tma(t + 1)) tiles.fetch_pages(t + 1);
       } else {

@@ -186,9 +186,7 @@ __device__ __forceinline__ void produce_works(
     auto by_tma = [&](int t) {  // uniform: the consumers zero V past the keys of these
       return by_tma_tile(maps, kv.paged, tiles.kv_begin + t * TILE, page_mask);
     };
-    // TMA tiles: the copies of a tile by kind (K or V of a 64-dim block: kind 2 b + 0 / 1), warp
-    // w of the producer issuing kinds w, w + 4, ...: the copies of one thread (or of one warp's
-    // lanes taking turns) issue one after the other. Paged, lane j of each warp copies page j.
+    // TMA tiles: each warp copies its kinds (tma.cuh), paged lane j of each warp page j.
     constexpr int KINDS = 2 * HEAD_DIM / 64;
     const int lane = threadIdx.x % 32;
     TilePages<TILE> pages(kv.paged, kv.page_table, p.page_size, tiles.kv_begin, w.kv_end, lane);
@@ -196,26 +194,16 @@ __device__ __forceinline__ void produce_works(
       const int stage = tile % STAGES, first = tiles.kv_begin + t * TILE;
       mbarrier_wait(&pipe.empty[stage], ((tile / STAGES) & 1) ^ 1);
       if (by_tma(t)) {
-        // Each warp's bytes are expected (by its lane 0, which arrives with them) before any of
-        // its copies can land; the other threads arrive.
-        const int warp = threadIdx.x / 32, kinds = (KINDS - warp + 3) / 4;
-        if (lane == 0 && kinds > 0) {
-          mbarrier_arrive_expect_tx(&full[stage], kinds * TILE * 128);
-        } else {
-          mbarrier_arrive(&full[stage]);
-        }
-        __syncwarp();
-        // This warp's kinds of rows [row, row + box) of the maps into the stage's rows from r.
+        arrive_expecting_warp_kinds<KINDS>(&full[stage], TILE * 128);  // tma.cuh
+        // This warp's kinds (K or V of a 64-dim block: kind 2 b + 0 / 1) of rows [row, row + box)
+        // of the maps into the stage's rows from r.
         auto load_box = [&](int r, int row) {
           fence_proxy_async();  // after the stage's earlier cp.async writes
-#pragma unroll
-          for (int i = 0; i < (KINDS + 3) / 4; ++i) {
-            const int k = warp + 4 * i;
-            if (k >= KINDS) break;
+          for_warp_kinds<KINDS>([&](int k) {
             const int at = (stage * CHUNKS + k / 2 * 8) * TILE + r * 8;
             tma_load_rows((k % 2 ? v_tiles : k_tiles) + at, k % 2 ? maps.v : maps.k, k / 2 * 64,
                           w.head_block, row, &full[stage]);
-          }
+          });
         };
         if (pages.active) {
           load_box(lane * p.page_size, pages.page * p.page_size);
