@@ -93,7 +93,7 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
   if (threadIdx.x == 0) pipe.init(4 * WARPGROUPS);  // every consumer warp arrives on "empty"
   __syncthreads();
 
-  // The work count is read by each warpgroup after its register change (nothing held across).
+  // Each warpgroup reads the work count after its register change (not held across it).
   const int head_blocks = p.num_qo_heads / p.group_size;
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer

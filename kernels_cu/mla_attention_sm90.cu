@@ -86,7 +86,8 @@ mla_attention_sm90_kernel(const MLAParams p, const __grid_constant__ KVTensorMap
     };
     constexpr int KINDS = MLA_CKV_DIM / 64 + 1;
     const int lane = threadIdx.x % 32;
-    TilePages<TILE> pages(true, tiles.page_table, p.page_size, w.kv_begin, w.kv_end, lane);
+    TilePages<TILE> pages(maps.enabled, tiles.page_table, p.page_size, w.kv_begin, w.kv_end,
+                          lane);
     for (int t = 0; t < num_tiles; ++t) {
       const int stage = t % STAGES;
       mbarrier_wait(&empty[stage], ((t / STAGES) & 1) ^ 1);

@@ -189,7 +189,8 @@ __device__ __forceinline__ void produce_works(
     // TMA tiles: each warp copies its kinds (tma.cuh), paged lane j of each warp page j.
     constexpr int KINDS = 2 * HEAD_DIM / 64;
     const int lane = threadIdx.x % 32;
-    TilePages<TILE> pages(kv.paged, kv.page_table, p.page_size, tiles.kv_begin, w.kv_end, lane);
+    TilePages<TILE> pages(kv.paged && maps.enabled, kv.page_table, p.page_size, tiles.kv_begin,
+                          w.kv_end, lane);
     for (int t = 0; t < tiles.num_tiles; ++t, ++tile) {
       const int stage = tile % STAGES, first = tiles.kv_begin + t * TILE;
       mbarrier_wait(&pipe.empty[stage], ((tile / STAGES) & 1) ^ 1);
