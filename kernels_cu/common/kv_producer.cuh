@@ -43,15 +43,15 @@ constexpr int PRODUCER_REGISTERS = 104;
 
 // The plan entries of work x and the page ids of its first tile, read while the prior grid ends
 // (grid_dependency.cuh: the plan alone may be read before the wait), so that produce_works finds
-// them in cache after it. Lane j of each warp reads the id of the tile's page j.
+// them in cache after it: the ids TilePages (paged.cuh) reads first.
 template <int ROWS, int TILE>
 __device__ __forceinline__ void read_plan_ahead(const AttentionParams& p, int x, bool head_major) {
   const Work<ROWS, TILE> work(p, x, head_major);
-  int seen = work.tiles.num_tiles;
-  const int key = work.tiles.kv_begin + (threadIdx.x % 32) * p.page_size;
-  if (p.kv_indices != nullptr && key < work.w.kv_end && key < work.tiles.kv_begin + TILE)
-    seen += __ldg(p.kv_indices + p.kv_indptr[work.w.request] + PageSplit(p.page_size).index(key));
-  asm volatile("" ::"r"(seen));  // the loads are kept for their cache lines
+  const bool paged = p.kv_indices != nullptr;
+  const TilePages<TILE> pages(paged, paged ? p.kv_indices + p.kv_indptr[work.w.request] : nullptr,
+                              p.page_size, work.tiles.kv_begin, work.w.kv_end, threadIdx.x % 32);
+  // The loads are kept for their cache lines.
+  asm volatile("" ::"r"(work.tiles.num_tiles), "r"(pages.page), "r"(pages.next));
 }
 
 // Whether the tile of keys from `first` comes by TMA: the maps are on and, paged, it starts a page.
