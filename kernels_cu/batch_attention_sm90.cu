@@ -98,8 +98,9 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer
     warpgroup_registers_dec<PRODUCER_REGISTERS>();
-    produce_works<T, HEAD_DIM, ROWS, TILE, STAGES>(p, maps, pipe, num_works(p, head_blocks),
-                                                   true);  // head-major
+    // A tile's copies from all four producer warps (p16 B8 S2048 causal 382 -> 422 TFLOP/s).
+    produce_works<T, HEAD_DIM, ROWS, TILE, STAGES, 4>(p, maps, pipe, num_works(p, head_blocks),
+                                                      true);  // head-major
     return;
   }
   warpgroup_registers_inc<consumer_registers<WARPGROUPS, PRODUCER_REGISTERS>()>();

@@ -92,12 +92,12 @@ mla_attention_sm90_kernel(const MLAParams p, const __grid_constant__ KVTensorMap
       const int stage = t % STAGES;
       mbarrier_wait(&empty[stage], ((t / STAGES) & 1) ^ 1);
       if (by_tma(t)) {
-        arrive_expecting_warp_kinds<KINDS>(&full[stage], TILE * 128);
+        arrive_expecting_warp_kinds<KINDS, 4>(&full[stage], TILE * 128);
         if (pages.active) {
           fence_proxy_async();  // after the stage's earlier cp.async writes
           uint4* dst = kv_tiles + stage * TILE * MLA_ROW_CHUNKS;
           const int r = lane * p.page_size, row = pages.page * p.page_size;
-          for_warp_kinds<KINDS>([&](int k) {
+          for_warp_kinds<KINDS, 4>([&](int k) {
             const bool kpe = k == KINDS - 1;
             tma_load_rows(dst + (k * TILE + r) * 8, kpe ? maps.v : maps.k, kpe ? 0 : k * 64, 0, row,
                           &full[stage]);

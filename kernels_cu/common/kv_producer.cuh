@@ -155,8 +155,9 @@ struct Pipeline {
 
 // The producer warpgroup's loop (threads 0..127, registers already given back): every work of
 // this CTA (works in head-major order or item-major, work_item.cuh; uniform), its Q rows and its
-// key tiles, in the order the consumers read them.
-template <typename T, int HEAD_DIM, int ROWS, int TILE, int STAGES>
+// key tiles, in the order the consumers read them. A TMA tile's copies are issued by the first
+// COPY_WARPS warps (tma.cuh).
+template <typename T, int HEAD_DIM, int ROWS, int TILE, int STAGES, int COPY_WARPS>
 __device__ __forceinline__ void produce_works(
     const AttentionParams& p, const KVTensorMaps& maps,
     const Pipeline<ROWS, TILE, STAGES, HEAD_DIM / 8>& pipe, int works, bool head_major) {
@@ -186,21 +187,22 @@ __device__ __forceinline__ void produce_works(
     auto by_tma = [&](int t) {  // uniform: the consumers zero V past the keys of these
       return by_tma_tile(maps, kv.paged, tiles.kv_begin + t * TILE, page_mask);
     };
-    // TMA tiles: each warp copies its kinds (tma.cuh), paged lane j of each warp page j.
+    // TMA tiles: each copying warp its kinds (tma.cuh), paged lane j of each warp page j.
     constexpr int KINDS = 2 * HEAD_DIM / 64;
     const int lane = threadIdx.x % 32;
-    TilePages<TILE> pages(kv.paged && maps.enabled, kv.page_table, p.page_size, tiles.kv_begin,
-                          w.kv_end, lane);
+    const bool copies = warp_kinds<KINDS, COPY_WARPS>(threadIdx.x / 32) > 0;
+    TilePages<TILE> pages(kv.paged && maps.enabled && copies, kv.page_table, p.page_size,
+                          tiles.kv_begin, w.kv_end, lane);
     for (int t = 0; t < tiles.num_tiles; ++t, ++tile) {
       const int stage = tile % STAGES, first = tiles.kv_begin + t * TILE;
       mbarrier_wait(&pipe.empty[stage], ((tile / STAGES) & 1) ^ 1);
       if (by_tma(t)) {
-        arrive_expecting_warp_kinds<KINDS>(&full[stage], TILE * 128);  // tma.cuh
+        arrive_expecting_warp_kinds<KINDS, COPY_WARPS>(&full[stage], TILE * 128);  // tma.cuh
         // This warp's kinds (K or V of a 64-dim block: kind 2 b + 0 / 1) of rows [row, row + box)
         // of the maps into the stage's rows from r.
         auto load_box = [&](int r, int row) {
           fence_proxy_async();  // after the stage's earlier cp.async writes
-          for_warp_kinds<KINDS>([&](int k) {
+          for_warp_kinds<KINDS, COPY_WARPS>([&](int k) {
             const int at = (stage * CHUNKS + k / 2 * 8) * TILE + r * 8;
             tma_load_rows((k % 2 ? v_tiles : k_tiles) + at, k % 2 ? maps.v : maps.k, k / 2 * 64,
                           w.head_block, row, &full[stage]);
@@ -208,7 +210,7 @@ __device__ __forceinline__ void produce_works(
         };
         if (pages.active) {
           load_box(lane * p.page_size, pages.page * p.page_size);
-        } else if (!kv.paged && lane == 0) {
+        } else if (!kv.paged && copies && lane == 0) {
           load_box(0, static_cast<int>(kv.ragged_row) + first);
         }
         // Every thread's page ids when the next tile comes by cp.async.

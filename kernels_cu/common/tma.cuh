@@ -38,17 +38,21 @@ __device__ __forceinline__ void tma_load_rows(void* smem, const TensorMap& map, 
          "r"(head), "r"(row), "r"(smem_addr(bar)) : "memory");
 }
 
-// A tile's copies by kind (a tensor's 64-dim block), spread over a producer warpgroup's four
-// warps: warp w issues kinds w, w + 4, ... The copies of one thread issue one after the other,
-// and so do those of a warp's lanes (taking turns: a copy's operands are uniform registers), so
-// a tile's several copies go out sooner from four warps.
+// A tile's copies by kind (a tensor's 64-dim block), spread over the first WARPS warps of a
+// producer warpgroup: warp w < WARPS issues kinds w, w + WARPS, ... The copies of one thread
+// issue one after the other, and so do those of a warp's lanes (taking turns: a copy's operands
+// are uniform registers), so a tile's several copies go out sooner from several warps.
 //
-// Every thread of the warpgroup arrives on `bar` once, lane 0 of each warp expecting the bytes
-// of its warp's kinds (`kind_bytes` each), before any copy of its warp can land.
-template <int KINDS>
+// Every thread of the warpgroup arrives on `bar` once, lane 0 of each copying warp expecting the
+// bytes of its warp's kinds (`kind_bytes` each), before any copy of its warp can land.
+template <int KINDS, int WARPS>
+__device__ __forceinline__ int warp_kinds(int warp) {
+  return warp < WARPS ? (KINDS - warp + WARPS - 1) / WARPS : 0;
+}
+template <int KINDS, int WARPS>
 __device__ __forceinline__ void arrive_expecting_warp_kinds(unsigned long long* bar,
                                                             unsigned kind_bytes) {
-  const int warp = threadIdx.x / 32 % 4, kinds = (KINDS - warp + 3) / 4;
+  const int kinds = warp_kinds<KINDS, WARPS>(threadIdx.x / 32 % 4);
   if (threadIdx.x % 32 == 0 && kinds > 0) {
     mbarrier_arrive_expect_tx(bar, kinds * kind_bytes);
   } else {
@@ -57,13 +61,13 @@ __device__ __forceinline__ void arrive_expecting_warp_kinds(unsigned long long* 
   __syncwarp();
 }
 // issue(k) for each kind k of this warp.
-template <int KINDS, typename Issue>
+template <int KINDS, int WARPS, typename Issue>
 __device__ __forceinline__ void for_warp_kinds(Issue&& issue) {
   const int warp = threadIdx.x / 32 % 4;
 #pragma unroll
-  for (int i = 0; i < (KINDS + 3) / 4; ++i) {
-    const int k = warp + 4 * i;
-    if (k < KINDS) issue(k);
+  for (int i = 0; i < (KINDS + WARPS - 1) / WARPS; ++i) {
+    const int k = warp + WARPS * i;
+    if (warp < WARPS && k < KINDS) issue(k);
   }
 }
 
