@@ -103,12 +103,27 @@ struct KVTiles {
   // K of `tile` into k_tile and V into v_tile (its pages fetched before), uncommitted.
   __device__ __forceinline__ void copy(int tile, uint4* k_tile, uint4* v_tile) {
     const int chunk = threadIdx.x % CHUNKS;
+    if (!paged) {  // uniform: ragged rows are evenly strided, so a row's address is an addition
+      const int key0 = kv_begin + tile * TILE + copy_row;
+      const T* k = k_head + (ragged_row + key0) * p.k_stride_slot;
+      const T* v = v_head + (ragged_row + key0) * p.v_stride_slot;
+      const long long k_step = ROW_STEP * p.k_stride_slot, v_step = ROW_STEP * p.v_stride_slot;
+#pragma unroll
+      for (int i = 0; i < KEYS_PER_THREAD; ++i, k += k_step, v += v_step) {
+        const bool valid = key0 + i * ROW_STEP < kv_end;
+        const int at = Layout::at(copy_row + i * ROW_STEP, chunk);
+        cp_async_16(k_tile + at, valid ? k : k_head, valid);
+        cp_async_16(v_tile + at, valid ? v : v_head, valid);
+      }
+      return;
+    }
+    // Paged: each row's page and slot.
 #pragma unroll
     for (int i = 0; i < KEYS_PER_THREAD; ++i) {
       const int r = copy_row + i * ROW_STEP, key = kv_begin + tile * TILE + r;
       const bool valid = key < kv_end;
       // NOTE: 64-bit offsets: page * stride_page passes 2^31 elements in pools over 4 GB.
-      const long long slot = paged ? split.slot(key) : ragged_row + key;
+      const long long slot = split.slot(key);
       const long long page = pages[i];
       const long long k_off = page * p.k_stride_page + slot * p.k_stride_slot;
       const long long v_off = page * p.v_stride_page + slot * p.v_stride_slot;
