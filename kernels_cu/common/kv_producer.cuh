@@ -41,9 +41,10 @@ constexpr int WORK_SLOT_BYTES = 64;  // _tiles.WORK_SLOT_BYTES: the host counts 
 // The producer keeps enough registers for the page ids of its key rows (mbarrier.cuh).
 constexpr int PRODUCER_REGISTERS = 104;
 
-// The plan entries of work x and the page ids of its first tile, read while the prior grid ends
-// (grid_dependency.cuh: the plan alone may be read before the wait), so that produce_works finds
-// them in cache after it: the ids TilePages (paged.cuh) reads first.
+// The plan entries of work x and the page ids of its first two tiles, read while the prior grid
+// ends (grid_dependency.cuh: the plan alone may be read before the wait), so that produce_works
+// finds them in cache after it: the ids TilePages (paged.cuh) reads first. Every producer warp
+// reads them, the copying ones or not (the lines are shared).
 template <int ROWS, int TILE>
 __device__ __forceinline__ void read_plan_ahead(const AttentionParams& p, int x, bool head_major) {
   const Work<ROWS, TILE> work(p, x, head_major);

@@ -43,6 +43,7 @@ __device__ __forceinline__ void tma_load_rows(void* smem, const TensorMap& map, 
 // issue one after the other, and so do those of a warp's lanes (taking turns: a copy's operands
 // are uniform registers), so a tile's several copies go out sooner from several warps.
 //
+// Warps are counted within the warpgroup (threadIdx.x / 32 % 4): the producer is warpgroup 0.
 // Every thread of the warpgroup arrives on `bar` once, lane 0 of each copying warp expecting the
 // bytes of its warp's kinds (`kind_bytes` each), before any copy of its warp can land.
 template <int KINDS, int WARPS>
