@@ -46,8 +46,8 @@ class TileConfig:
 
 #: Many queries per request: four warps of 32 rows each (16 at head_dim 256, for registers), one
 #: tile of keys shared by all of them. Head_dim 128 takes tiles of 64 keys although its registers
-#: then spill 24 bytes: H200, 32 heads, TFLOP/s, 32 / 64 keys: B8 S2048 209 / 242, causal
-#: 177 / 195; B2 S8192 218 / 252, causal 204 / 236.
+#: then spill 24 bytes built for sm_80 (none for sm_90): H200, 32 heads, TFLOP/s, 32 / 64 keys:
+#: B8 S2048 209 / 242, causal 177 / 195; B2 S8192 218 / 252, causal 204 / 236.
 PREFILL = {64: TileConfig(2, 4, 1, 64, 2), 128: TileConfig(2, 4, 1, 64, 2),
            256: TileConfig(1, 4, 1, 32, 2)}
 #: One query (or a few) per request: the GQA group fills the 16 rows; four warps split the keys.
