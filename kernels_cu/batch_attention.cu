@@ -108,8 +108,9 @@ batch_attention_kernel(const AttentionParams p) {
 
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
-      softmax_block<HEAD_DIM, WARP_KEYS>(s[mt], st[mt], p, w, warp_row0 + mt * 16, first_key,
-                                         mask_class, logits_scale);
+      softmax_block<HEAD_DIM, WARP_KEYS>(s[mt], st[mt], p, w,
+                                         warp_queries(p, w, warp_row0 + mt * 16),
+                                         warp_row0 + mt * 16, first_key, mask_class, logits_scale);
 
     // O += P V: the probabilities' C fragments are the A fragments of this product.
 #pragma unroll

@@ -66,13 +66,15 @@ __device__ __forceinline__ void write_staged_rows(const AttentionParams& p, cons
                                                   const uint4* staged, int first, int thread) {
   constexpr int CHUNKS = HEAD_DIM / 8, ROW_STEP = 128 / CHUNKS;
   const int chunk = thread % CHUNKS, group = p.group_size;
+  const float inv_group = 1.f / group;
   uint4* out = static_cast<uint4*>(p.o);
 #pragma unroll
   for (int k = 0; k < 64 / ROW_STEP; ++k) {
     const int r = first + thread / CHUNKS + k * ROW_STEP;
     if (r >= w.valid_rows) break;
-    const long long row = static_cast<long long>(w.qo_begin + w.q_start + r / group) *
-                              p.num_qo_heads + w.head_block * group + r % group;
+    const PackedRow pr = packed_row(r, group, inv_group);
+    const long long row = static_cast<long long>(w.qo_begin + w.q_start + pr.query) *
+                              p.num_qo_heads + w.head_block * group + pr.head;
     out[row * CHUNKS + chunk] = staged[SwizzledBlocks<ROWS>::at(r, chunk)];
   }
 }
@@ -148,6 +150,7 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
     RowsState<HEAD_DIM> st;
     init_rows(st);
     const bool tiles_by_tma = work_by_tma(maps, p, tiles);
+    const WarpQueries queries = warp_queries(p, w, row0);  // once a work
     for (int t = 0; t < tiles.num_tiles; ++t, ++tile) {
       const int stage = pipe.wait_tile(tile);
       fence_proxy_async();  // the producer's cp.async writes, next read by wgmma (async proxy)
@@ -164,7 +167,7 @@ batch_attention_sm90_kernel(const AttentionParams p, const __grid_constant__ KVT
         }
         float s[TILE / 8][4];
         scores(q_rows, stage, s);
-        softmax_block<HEAD_DIM, TILE>(s, st, p, w, row0, first, mask_class, logits_scale);
+        softmax_block<HEAD_DIM, TILE>(s, st, p, w, queries, row0, first, mask_class, logits_scale);
         values(stage, s, st);
       }
       if (lead) mbarrier_arrive(&pipe.empty[stage]);

@@ -126,7 +126,8 @@ batch_decode_sm90_kernel(const AttentionParams p, const __grid_constant__ KVTens
             mma_16816<T>(s[2 * j + 1], qa[kk], bk[2], bk[3]);
           }
         }
-        softmax_block<HEAD_DIM, WARP_KEYS>(s, st, p, w, 0, first_key, mask_class, logits_scale);
+        softmax_block<HEAD_DIM, WARP_KEYS>(s, st, p, w, warp_queries(p, w, 0), 0, first_key,
+                                           mask_class, logits_scale);
         // O += P V: the probabilities' C fragments are the A fragments of this product.
 #pragma unroll
         for (int kt = 0; kt < WARP_KEYS / 16; ++kt) {

@@ -137,20 +137,31 @@ __device__ __forceinline__ void online_softmax(float (&s)[WARP_KEYS / 8][4], Row
   softmax_exponentiate<WARP_KEYS>(s, st.d, m_ref, scale);
 }
 
-// One tile's scores of the 16 rows from row0 against KEYS keys from first_key, masked where
-// this block needs it: it crosses the key range's end, the causal diagonal, the window's edge,
-// or has a partial custom mask tile.
+// The first and last query of a warp's 16 rows from row0 (rows past the item's valid ones
+// count as its last): the divisions by the group size that mask_block needs, which the Hopper
+// prefill does once a work rather than once a tile.
+struct WarpQueries {
+  int first, last;
+};
+
+__device__ __forceinline__ WarpQueries warp_queries(const AttentionParams& p, const WorkItem& w,
+                                                    int row0) {
+  const int last_row = max(w.valid_rows - 1, 0);
+  return {w.q_start + min(row0, last_row) / p.group_size,
+          w.q_start + min(row0 + 15, last_row) / p.group_size};
+}
+
+// One tile's scores of the 16 rows from row0 (queries `wq`, warp_queries of row0) against KEYS
+// keys from first_key, masked where this block needs it: it crosses the key range's end, the
+// causal diagonal, the window's edge, or has a partial custom mask tile.
 template <int KEYS>
 __device__ __forceinline__ void mask_block(float (&s)[KEYS / 8][4], const AttentionParams& p,
-                                           const WorkItem& w, int row0, int first_key,
-                                           int mask_class) {
-  const int last_row = max(w.valid_rows - 1, 0);
-  const int first_query = w.q_start + min(row0, last_row) / p.group_size;
-  const int last_query = w.q_start + min(row0 + 15, last_row) / p.group_size;
+                                           const WorkItem& w, const WarpQueries& wq, int row0,
+                                           int first_key, int mask_class) {
   const int last_key = first_key + KEYS - 1;
   const bool masked = last_key >= w.kv_end || mask_class == 2 ||
-                      (p.causal && last_key > first_query + w.diag) ||
-                      (p.window_left >= 0 && first_key < last_query + w.diag - p.window_left);
+                      (p.causal && last_key > wq.first + w.diag) ||
+                      (p.window_left >= 0 && first_key < wq.last + w.diag - p.window_left);
   scores_to_logits<KEYS>(s, p, masked, mask_class == 2, first_key, w.kv_end, row0, w.q_start,
                          w.diag, w.request, w.qo_len, w.kv_len);
 }
@@ -159,9 +170,9 @@ __device__ __forceinline__ void mask_block(float (&s)[KEYS / 8][4], const Attent
 template <int HEAD_DIM, int KEYS>
 __device__ __forceinline__ void softmax_block(float (&s)[KEYS / 8][4], RowsState<HEAD_DIM>& st,
                                               const AttentionParams& p, const WorkItem& w,
-                                              int row0, int first_key, int mask_class,
-                                              float logits_scale) {
-  mask_block<KEYS>(s, p, w, row0, first_key, mask_class);
+                                              const WarpQueries& wq, int row0, int first_key,
+                                              int mask_class, float logits_scale) {
+  mask_block<KEYS>(s, p, w, wq, row0, first_key, mask_class);
   online_softmax<HEAD_DIM, KEYS>(s, st, logits_scale);
 }
 
