@@ -38,17 +38,19 @@ struct KeyTiles {
 };
 
 // The item's packed (query, head) rows: row r is query w.q_start + r / group, head
-// w.head_block * group + r % group; rows past w.valid_rows are zero-filled.
+// w.head_block * group + r % group (packed_row); rows past w.valid_rows are zero-filled.
 template <typename Layout, typename T, int ROWS, int CHUNKS, int THREADS>
 __device__ __forceinline__ void issue_q_rows(const AttentionParams& p, const WorkItem& w,
                                              uint4* q_tile) {
   const T* q = static_cast<const T*>(p.q);
   const int group = p.group_size;
+  const float inv_group = 1.f / group;
   for (int c = threadIdx.x; c < ROWS * CHUNKS; c += THREADS) {
     const int r = c / CHUNKS, chunk = c % CHUNKS;
     const bool valid = r < w.valid_rows;
-    const long long offset = valid ? (w.qo_begin + w.q_start + r / group) * p.q_stride_token +
-                                         (w.head_block * group + r % group) * p.q_stride_head
+    const PackedRow row = packed_row(r, group, inv_group);
+    const long long offset = valid ? (w.qo_begin + w.q_start + row.query) * p.q_stride_token +
+                                         (w.head_block * group + row.head) * p.q_stride_head
                                    : 0;
     cp_async_16(q_tile + Layout::at(r, chunk), q + offset + chunk * 8, valid);
   }
