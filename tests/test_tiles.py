@@ -210,3 +210,17 @@ def test_mla_maps_of_pools_seen_before_are_not_encoded_again(monkeypatch):
             assert int(maps["enabled"]) == 1
             assert int(maps["k"][0]) == ckv.data.ptr and int(maps["v"][0]) == kpe.data.ptr
     assert len(calls) == 6  # each pair's two maps, once
+
+
+def test_packed_row_float_division_is_exact():
+    """work_item.cuh's packed_row takes r / group as (r + 0.5) * (1 / group) rounded down in
+    float32; emulated here with the reciprocal off by up to two units in the last place."""
+    rows = np.arange(1 << 16, dtype=np.int64)
+    halves = rows.astype(np.float32) + np.float32(0.5)
+    for group in range(1, 257):
+        inv = np.float32(1) / np.float32(group)
+        for ulps in (-2, -1, 0, 1, 2):
+            near = inv
+            for _ in range(abs(ulps)):
+                near = np.nextafter(near, np.float32(np.inf if ulps > 0 else 0))
+            assert np.array_equal((halves * near).astype(np.int64), rows // group), (group, ulps)
