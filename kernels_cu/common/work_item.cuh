@@ -27,8 +27,9 @@ struct WorkItem {
 // Packed row r of an item as (query offset r / group, head offset r % group), from group's float
 // reciprocal inv_group = 1.f / group: r / group is (r + 0.5) * inv_group rounded down, exact
 // since (r + 0.5) / group is at least 0.5 / group from an integer and, for 0 <= r < 2^20, the
-// float product's error is below that (tests/test_tiles.py checks r < 2^16, group <= 256). Per-row
-// integer divisions made the Hopper producer's Q loop a sixth of the prefill's warp samples.
+// float product's error is below that (tests/test_tiles.py checks r < 2^16, group <= 256).
+// Per-row integer divisions made the Hopper producer's Q loop a sixth of the prefill's warp
+// samples.
 struct PackedRow {
   int query, head;
 };
