@@ -66,13 +66,13 @@ __device__ __forceinline__ void write_staged_rows(const AttentionParams& p, cons
                                                   const uint4* staged, int first, int thread) {
   constexpr int CHUNKS = HEAD_DIM / 8, ROW_STEP = 128 / CHUNKS;
   const int chunk = thread % CHUNKS, group = p.group_size;
-  const float inv_group = 1.f / group;
+  const RowDivider div(group);
   uint4* out = static_cast<uint4*>(p.o);
 #pragma unroll
   for (int k = 0; k < 64 / ROW_STEP; ++k) {
     const int r = first + thread / CHUNKS + k * ROW_STEP;
     if (r >= w.valid_rows) break;
-    const PackedRow pr = packed_row(r, group, inv_group);
+    const PackedRow pr = packed_row(r, div);
     const long long row = static_cast<long long>(w.qo_begin + w.q_start + pr.query) *
                               p.num_qo_heads + w.head_block * group + pr.head;
     out[row * CHUNKS + chunk] = staged[SwizzledBlocks<ROWS>::at(r, chunk)];

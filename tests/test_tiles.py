@@ -212,15 +212,11 @@ def test_mla_maps_of_pools_seen_before_are_not_encoded_again(monkeypatch):
     assert len(calls) == 6  # each pair's two maps, once
 
 
-def test_packed_row_float_division_is_exact():
-    """work_item.cuh's packed_row takes r / group as (r + 0.5) * (1 / group) rounded down in
-    float32; emulated here with the reciprocal off by up to two units in the last place."""
-    rows = np.arange(1 << 16, dtype=np.int64)
-    halves = rows.astype(np.float32) + np.float32(0.5)
-    for group in range(1, 257):
-        inv = np.float32(1) / np.float32(group)
-        for ulps in (-2, -1, 0, 1, 2):
-            near = inv
-            for _ in range(abs(ulps)):
-                near = np.nextafter(near, np.float32(np.inf if ulps > 0 else 0))
-            assert np.array_equal((halves * near).astype(np.int64), rows // group), (group, ulps)
+def test_packed_row_division_by_multiply_is_exact():
+    """work_item.cuh's packed_row takes r / group as the high word of r * ceil(2^32 / group)
+    (RowDivider: 0xffffffff // group + 1; r itself for a group of 1)."""
+    rows = np.arange(1 << 16, dtype=np.uint64)
+    for group in range(2, 257):
+        magic = np.uint64(0xFFFFFFFF // group + 1)
+        assert magic == -(-(1 << 32) // group)
+        assert np.array_equal((rows * magic) >> np.uint64(32), rows // np.uint64(group)), group

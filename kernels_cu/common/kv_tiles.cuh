@@ -44,11 +44,11 @@ __device__ __forceinline__ void issue_q_rows(const AttentionParams& p, const Wor
                                              uint4* q_tile) {
   const T* q = static_cast<const T*>(p.q);
   const int group = p.group_size;
-  const float inv_group = 1.f / group;
+  const RowDivider div(group);
   for (int c = threadIdx.x; c < ROWS * CHUNKS; c += THREADS) {
     const int r = c / CHUNKS, chunk = c % CHUNKS;
     const bool valid = r < w.valid_rows;
-    const PackedRow row = packed_row(r, group, inv_group);
+    const PackedRow row = packed_row(r, div);
     const long long offset = valid ? (w.qo_begin + w.q_start + row.query) * p.q_stride_token +
                                          (w.head_block * group + row.head) * p.q_stride_head
                                    : 0;

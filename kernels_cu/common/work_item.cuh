@@ -24,19 +24,26 @@ struct WorkItem {
   int kv_begin, kv_end;     // the item's key range, its end clipped to the last query's causal bound
 };
 
-// Packed row r of an item as (query offset r / group, head offset r % group), from group's float
-// reciprocal inv_group = 1.f / group: r / group is (r + 0.5) * inv_group rounded down, exact
-// since (r + 0.5) / group is at least 0.5 / group from an integer and, for 0 <= r < 2^20, the
-// float product's error is below that (tests/test_tiles.py checks r < 2^16, group <= 256).
-// Per-row integer divisions made the Hopper producer's Q loop a sixth of the prefill's warp
-// samples.
+// Packed row r of an item as (query offset r / group, head offset r % group), dividing by a
+// multiply: r / group is the high word of r * ceil(2^32 / group), exact while r * group < 2^32
+// (the product exceeds r / group by less than r / 2^32 < 1 / group, and r / group is at least
+// 1 / group below the next integer; tests/test_tiles.py checks r < 2^16, group <= 256). Per-row
+// integer divisions made the Hopper producer's Q loop a sixth of the prefill's warp samples,
+// and a float reciprocal's conversions share the pipe of the softmax's exponentials.
+struct RowDivider {
+  int group;
+  unsigned magic;  // ceil(2^32 / group), 0 for a group of 1
+  __device__ __forceinline__ explicit RowDivider(int g)
+      : group(g), magic(g > 1 ? 0xffffffffu / g + 1 : 0) {}
+};
+
 struct PackedRow {
   int query, head;
 };
 
-__device__ __forceinline__ PackedRow packed_row(int r, int group, float inv_group) {
-  const int query = static_cast<int>((r + 0.5f) * inv_group);
-  return {query, r - query * group};
+__device__ __forceinline__ PackedRow packed_row(int r, const RowDivider& div) {
+  const int query = div.magic ? static_cast<int>(__umulhi(r, div.magic)) : r;
+  return {query, r - query * div.group};
 }
 
 // The rest of w, once w.item and w.head_block are set. Params: AttentionParams or MLAParams
