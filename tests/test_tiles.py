@@ -216,7 +216,11 @@ def test_packed_row_division_by_multiply_is_exact():
     """work_item.cuh's packed_row takes r / group as the high word of r * ceil(2^32 / group)
     (RowDivider: 0xffffffff // group + 1; r itself for a group of 1)."""
     rows = np.arange(1 << 16, dtype=np.uint64)
-    for group in range(2, 257):
-        magic = np.uint64(0xFFFFFFFF // group + 1)
-        assert magic == -(-(1 << 32) // group)
-        assert np.array_equal((rows * magic) >> np.uint64(32), rows // np.uint64(group)), group
+    for group in range(1, 257):
+        magic = np.uint64(0xFFFFFFFF // group + 1 if group > 1 else 0)
+        query = (rows * magic) >> np.uint64(32) if magic else rows
+        head = rows - query * np.uint64(group)
+        assert np.array_equal(query, rows // np.uint64(group)), group
+        assert np.array_equal(head, rows % np.uint64(group)), group
+        if group > 1:
+            assert magic == -(-(1 << 32) // group)
