@@ -94,11 +94,40 @@ struct KVTiles {
     v_head = static_cast<const T*>(p.v) + head * p.v_stride_head + chunk * 8;
   }
 
-  __device__ __forceinline__ void fetch_pages(int tile) {
+  template <bool POW2>
+  __device__ __forceinline__ void fetch_pages_of(int tile) {
 #pragma unroll
     for (int i = 0; i < KEYS_PER_THREAD; ++i) {
       const int key = kv_begin + tile * TILE + copy_row + i * ROW_STEP;
-      pages[i] = paged && key < kv_end ? __ldg(page_table + split.index(key)) : 0;
+      pages[i] = key < kv_end ? __ldg(page_table + split.index_as<POW2>(key)) : 0;
+    }
+  }
+
+  __device__ __forceinline__ void fetch_pages(int tile) {
+    if (!paged) return;  // ragged rows need no ids
+    if (split.shift >= 0) {
+      fetch_pages_of<true>(tile);
+    } else {
+      fetch_pages_of<false>(tile);
+    }
+  }
+
+  // Paged K and V rows of `tile` (copy()): each row's page (fetched before) and slot.
+  template <bool POW2>
+  __device__ __forceinline__ void copy_pages(int tile, uint4* k_tile, uint4* v_tile) {
+    const int chunk = threadIdx.x % CHUNKS;
+#pragma unroll
+    for (int i = 0; i < KEYS_PER_THREAD; ++i) {
+      const int r = copy_row + i * ROW_STEP, key = kv_begin + tile * TILE + r;
+      const bool valid = key < kv_end;
+      // NOTE: 64-bit offsets: page * stride_page passes 2^31 elements in pools over 4 GB.
+      const long long slot = split.slot_as<POW2>(key);
+      const long long page = pages[i];
+      const long long k_off = page * p.k_stride_page + slot * p.k_stride_slot;
+      const long long v_off = page * p.v_stride_page + slot * p.v_stride_slot;
+      const int at = Layout::at(r, chunk);
+      cp_async_16(k_tile + at, k_head + (valid ? k_off : 0), valid);
+      cp_async_16(v_tile + at, v_head + (valid ? v_off : 0), valid);
     }
   }
 
@@ -119,19 +148,10 @@ struct KVTiles {
       }
       return;
     }
-    // Paged: each row's page and slot.
-#pragma unroll
-    for (int i = 0; i < KEYS_PER_THREAD; ++i) {
-      const int r = copy_row + i * ROW_STEP, key = kv_begin + tile * TILE + r;
-      const bool valid = key < kv_end;
-      // NOTE: 64-bit offsets: page * stride_page passes 2^31 elements in pools over 4 GB.
-      const long long slot = split.slot(key);
-      const long long page = pages[i];
-      const long long k_off = page * p.k_stride_page + slot * p.k_stride_slot;
-      const long long v_off = page * p.v_stride_page + slot * p.v_stride_slot;
-      const int at = Layout::at(r, chunk);
-      cp_async_16(k_tile + at, k_head + (valid ? k_off : 0), valid);
-      cp_async_16(v_tile + at, v_head + (valid ? v_off : 0), valid);
+    if (split.shift >= 0) {  // uniform: one branch a tile, not one a row
+      copy_pages<true>(tile, k_tile, v_tile);
+    } else {
+      copy_pages<false>(tile, k_tile, v_tile);
     }
   }
 

@@ -48,10 +48,19 @@ struct PageSplit {
   __device__ __forceinline__ explicit PageSplit(int page_size)
       : size(page_size), shift((page_size & (page_size - 1)) == 0 ? __ffs(page_size) - 1 : -1) {}
   __device__ __forceinline__ int index(int token) const {
-    return shift >= 0 ? token >> shift : token / size;
+    return shift >= 0 ? index_as<true>(token) : index_as<false>(token);
   }
   __device__ __forceinline__ int slot(int token) const {
-    return shift >= 0 ? token & (size - 1) : token % size;
+    return shift >= 0 ? slot_as<true>(token) : slot_as<false>(token);
+  }
+  // The same with the test taken out of a loop over rows: POW2 must equal shift >= 0.
+  template <bool POW2>
+  __device__ __forceinline__ int index_as(int token) const {
+    return POW2 ? token >> shift : token / size;
+  }
+  template <bool POW2>
+  __device__ __forceinline__ int slot_as(int token) const {
+    return POW2 ? token & (size - 1) : token % size;
   }
 };
 
