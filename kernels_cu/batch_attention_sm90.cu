@@ -39,6 +39,7 @@ __device__ __forceinline__ void stage_rows(uint4* staged, const AttentionParams&
                                            const WorkItem& w, int row0,
                                            const RowsState<HEAD_DIM>& st) {
   const int lane = threadIdx.x % 32;
+  const RowDivider div(p.group_size);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = row0 + lane / 4 + 8 * h;
@@ -49,12 +50,9 @@ __device__ __forceinline__ void stage_rows(uint4* staged, const AttentionParams&
     for (int n = 0; n < HEAD_DIM / 8; ++n)  // dims n * 8 + 2c, + 1: word c of chunk n
       reinterpret_cast<unsigned*>(staged + SwizzledBlocks<ROWS>::at(r, n))[lane % 4] =
           pack_pair<T>(st.o[n][2 * h] * inv_d, st.o[n][2 * h + 1] * inv_d);
-    if (lane % 4 == 0 && p.lse != nullptr) {
-      const int group = p.group_size;
-      const long long row = static_cast<long long>(w.qo_begin + w.q_start + r / group) *
-                                p.num_qo_heads + w.head_block * group + r % group;
-      p.lse[row] = empty ? NEG_INF : (st.m[h] + log2f(st.d[h])) * LN2;
-    }
+    if (lane % 4 == 0 && p.lse != nullptr)
+      p.lse[output_row(p, w, packed_row(r, div))] =
+          empty ? NEG_INF : (st.m[h] + log2f(st.d[h])) * LN2;
   }
 }
 
@@ -65,16 +63,14 @@ template <typename T, int HEAD_DIM, int ROWS>
 __device__ __forceinline__ void write_staged_rows(const AttentionParams& p, const WorkItem& w,
                                                   const uint4* staged, int first, int thread) {
   constexpr int CHUNKS = HEAD_DIM / 8, ROW_STEP = 128 / CHUNKS;
-  const int chunk = thread % CHUNKS, group = p.group_size;
-  const RowDivider div(group);
+  const int chunk = thread % CHUNKS;
+  const RowDivider div(p.group_size);
   uint4* out = static_cast<uint4*>(p.o);
 #pragma unroll
   for (int k = 0; k < 64 / ROW_STEP; ++k) {
     const int r = first + thread / CHUNKS + k * ROW_STEP;
     if (r >= w.valid_rows) break;
-    const PackedRow pr = packed_row(r, div);
-    const long long row = static_cast<long long>(w.qo_begin + w.q_start + pr.query) *
-                              p.num_qo_heads + w.head_block * group + pr.head;
+    const long long row = output_row(p, w, packed_row(r, div));
     out[row * CHUNKS + chunk] = staged[SwizzledBlocks<ROWS>::at(r, chunk)];
   }
 }

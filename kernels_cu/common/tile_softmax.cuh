@@ -243,26 +243,26 @@ __device__ __forceinline__ void fold_rows(RowsState<HEAD_DIM>& st, const float* 
 template <typename T, int HEAD_DIM>
 __device__ __forceinline__ void store_rows(const AttentionParams& p, const WorkItem& w, int row0,
                                            const RowsState<HEAD_DIM>& st) {
-  const int lane = threadIdx.x % 32, dim0 = 2 * (lane % 4), group = p.group_size;
+  const int lane = threadIdx.x % 32, dim0 = 2 * (lane % 4);
+  const RowDivider div(p.group_size);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = row0 + lane / 4 + 8 * h;
     if (r >= w.valid_rows) continue;
-    const int head = w.head_block * group + r % group;
+    const PackedRow pr = packed_row(r, div);
     const bool empty = st.d[h] == 0.f;
     const float inv_d = empty ? 0.f : 1.f / st.d[h];
     const float lse = empty ? NEG_INF : (st.m[h] + log2f(st.d[h])) * LN2;
     if (p.partial_o != nullptr) {
-      const long long state = p.item_state[w.item] + (r / group) * p.item_state_stride[w.item];
-      const long long row = state * p.num_qo_heads + head;
+      const long long state = p.item_state[w.item] + pr.query * p.item_state_stride[w.item];
+      const long long row = state * p.num_qo_heads + w.head_block * p.group_size + pr.head;
 #pragma unroll
       for (int n = 0; n < HEAD_DIM / 8; ++n)
         store_pair<float>(p.partial_o + row * HEAD_DIM + n * 8 + dim0, st.o[n][2 * h] * inv_d,
                           st.o[n][2 * h + 1] * inv_d);
       if (lane % 4 == 0) p.partial_lse[row] = lse;
     } else {
-      const long long row =
-          static_cast<long long>(w.qo_begin + w.q_start + r / group) * p.num_qo_heads + head;
+      const long long row = output_row(p, w, pr);
       T* o = static_cast<T*>(p.o);
 #pragma unroll
       for (int n = 0; n < HEAD_DIM / 8; ++n)

@@ -46,6 +46,15 @@ __device__ __forceinline__ PackedRow packed_row(int r, const RowDivider& div) {
   return {query, r - query * div.group};
 }
 
+// The row of out [total_q, num_qo_heads, ...] and lse [total_q, num_qo_heads] that packed row
+// `pr` of w is written to. Params: AttentionParams or MLAParams.
+template <typename Params>
+__device__ __forceinline__ long long output_row(const Params& p, const WorkItem& w,
+                                                const PackedRow& pr) {
+  return static_cast<long long>(w.qo_begin + w.q_start + pr.query) * p.num_qo_heads +
+         w.head_block * p.group_size + pr.head;
+}
+
 // The rest of w, once w.item and w.head_block are set. Params: AttentionParams or MLAParams
 // (the fields read here are named alike).
 template <int ROWS, typename Params>
