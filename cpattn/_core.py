@@ -495,7 +495,32 @@ LAUNCH_CONFIG_DTYPE = np.dtype({
 #: ``CUlaunchAttribute``: its id, then its value (a 64-byte union) at offset 8.
 LAUNCH_ATTRIBUTE_DTYPE = np.dtype({"names": ["id", "value"], "formats": [np.uint32, np.int32],
                                    "offsets": [0, 8], "itemsize": 72})
+_COOPERATIVE = 2  # CU_LAUNCH_ATTRIBUTE_COOPERATIVE
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def launch_attributes(cooperative: bool, dependent: bool) -> np.ndarray:
+    """The ``CUlaunchAttribute`` array of a launch, each set to 1.
+
+    >>> launch_attributes(True, True)["id"].tolist(), launch_attributes(False, False).size
+    ([2, 6], 0)
+    """
+    ids = [_COOPERATIVE] * cooperative + [_PROGRAMMATIC_STREAM_SERIALIZATION] * dependent
+    attributes = np.zeros(len(ids), LAUNCH_ATTRIBUTE_DTYPE)
+    attributes["id"], attributes["value"] = ids, 1
+    return attributes
+
+
+COOPERATIVE_LAUNCH_TOO_LARGE = 720  # CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE
+
+
+class CooperativeLaunchTooLarge(RuntimeError):
+    """A cooperative launch whose CTAs cannot all be resident at once (a GPU shared with other
+    processes, under MPS: fewer SMs than the device has); nothing was launched."""
+
+
+def launch_too_large(exc: BaseException) -> bool:
+    return isinstance(exc, CooperativeLaunchTooLarge)
 
 
 def dependent_launch() -> bool:
@@ -531,12 +556,13 @@ class DirectLaunch:
     CuPy re-inspects a structured (struct) argument's dtype on every launch, which costs tens of
     microseconds; here each argument is a 0-d NumPy array whose address is taken once, so a launch
     is one driver call. The driver copies the argument bytes when the launch is enqueued, so they
-    may be changed right after. Where ``dependent_launch()`` holds, the call is
-    ``cuLaunchKernelEx`` with programmatic stream serialization (its config kept here too; a
-    launch writes only the stream into it).
+    may be changed right after. Where ``dependent_launch()`` holds, or with ``cooperative`` (every
+    CTA resident at once, or the launch fails: CTAs that wait for each other), the call is
+    ``cuLaunchKernelEx`` with programmatic stream serialization and / or the cooperative
+    attribute (its config kept here too; a launch writes only the stream into it).
     """
 
-    def __init__(self, kernel, grid, block, smem: int, args):
+    def __init__(self, kernel, grid, block, smem: int, args, cooperative: bool = False):
         global _launch_kernel, _current_stream
         import cupy
         from cupy_backends.cuda.api import driver
@@ -549,18 +575,27 @@ class DirectLaunch:
         self._pointers = np.array([a.ctypes.data for a in self.args], np.uint64)
         self._pointers_address = self._pointers.ctypes.data
         self.dependent = dependent_launch()
-        if self.dependent:
-            self._attribute = np.zeros((), LAUNCH_ATTRIBUTE_DTYPE)
-            self._attribute["id"], self._attribute["value"] = _PROGRAMMATIC_STREAM_SERIALIZATION, 1
+        self._configure(cooperative)
+        self.grid = grid
+
+    def _configure(self, cooperative: bool) -> None:
+        self.cooperative = bool(cooperative)
+        self._attribute = launch_attributes(self.cooperative, self.dependent)
+        self.extended = self._attribute.size > 0  # launched by cuLaunchKernelEx
+        if self.extended:
             self._config = np.zeros((), LAUNCH_CONFIG_DTYPE)
             self._config["block"] = self.block
-            self._config["smem"], self._config["num_attrs"] = smem, 1
+            self._config["smem"], self._config["num_attrs"] = self.smem, self._attribute.size
             self._config["attrs"] = self._attribute.ctypes.data
             self._config_words = self._config.reshape(1).view(np.uint64)  # [4]: the stream
             self._config_address = self._config.ctypes.data
             # config, function, kernel parameters, extra
             self._launch_ex = _driver.function("cuLaunchKernelEx", *[ctypes.c_void_p] * 4)
-        self.grid = grid
+
+    def drop_cooperative(self) -> None:
+        """Launch without the cooperative attribute from now on."""
+        self._configure(False)
+        self.grid = self._grid
 
     @property
     def grid(self) -> tuple:
@@ -570,16 +605,19 @@ class DirectLaunch:
     def grid(self, grid) -> None:
         """Set by plans that reuse the launch (``Launcher.set_grid``)."""
         self._grid = tuple(grid) + (1,) * (3 - len(grid))
-        if self.dependent:
+        if self.extended:
             self._config["grid"] = self._grid
 
     def __call__(self, stream=None) -> None:
         if self._grid[0] == 0:
             return
         stream = (stream or _current_stream()).ptr
-        if self.dependent:
+        if self.extended:
             self._config_words[4] = stream
             status = self._launch_ex(self._config_address, self.func, self._pointers_address, None)
+            if status == COOPERATIVE_LAUNCH_TOO_LARGE:
+                raise CooperativeLaunchTooLarge(
+                    f"cooperative launch of {self._grid[0]} CTAs: they cannot all be resident")
             if status:
                 self._check(status)
             return

@@ -38,7 +38,7 @@ _STRIDE_FIELDS = ("q_nope_stride_token", "q_nope_stride_head", "q_pe_stride_toke
 MLA_PARAMS_DTYPE = np.dtype([(f, np.uint64) for f in _PTR_FIELDS] +
                             [(f, np.int64) for f in _STRIDE_FIELDS] +
                             [(f, np.int32) for f in ("num_heads", "group_size", "page_size",
-                                                     "causal")] +
+                                                     "causal", "merge_slices")] +
                             [("logits_scale", np.float32)], align=True)
 _MLA_PARAM_NAMES = frozenset(MLA_PARAMS_DTYPE.names)
 
@@ -155,20 +155,27 @@ def check_pools(ckv_cache, kpe_cache, dtype, pages_shape=None) -> None:
 
 # ---- the wrapper -----------------------------------------------------------------------------
 
-def fuses_merge(cfg, merge_indptr: np.ndarray) -> bool:
-    """Whether a split plan's kernel merges its states itself: the mma.sync tiles (whose CTA that
-    finishes a query tile's last chunk merges its rows), at most ``_tiles.MLA_FUSED_MOST_CHUNKS``
-    chunks a query tile (one CTA reads them all; beyond, merge_state's many CTAs are faster).
+def fused_merge(cfg, merge_indptr: np.ndarray, ctas: int, num_sms: int):
+    """How a split plan's states are merged: ``"last chunk"`` (the CTA that finishes a query
+    tile's last chunk merges its rows: at most ``_tiles.MLA_FUSED_MOST_CHUNKS`` chunks a tile,
+    one CTA reads them all), ``"slices"`` (more chunks, and the plan's ``ctas`` CTAs all resident
+    at once: every chunk merges a slice of its tile, in a cooperative launch), or None
+    (merge_state's launch). The in-kernel merges are the mma.sync tiles'.
 
-    >>> fuses_merge(_tiles.MLA_TILES[0], np.array([0, 2, 4, 6]))
+    >>> fused_merge(_tiles.MLA_TILES[0], np.array([0, 2, 4, 6]), 3, 132)
+    'last chunk'
+    >>> fused_merge(_tiles.MLA_TILES[0], np.array([0, 3, 4]), 4, 132)
+    'slices'
+    >>> fused_merge(_tiles.MLA_TILES[0], np.array([0, 3, 4]), 4, 2) is None
     True
-    >>> fuses_merge(_tiles.MLA_TILES[0], np.array([0, 3, 4]))
-    False
-    >>> fuses_merge(_tiles.MLA_SM90, np.array([0, 2, 4, 6]))
-    False
+    >>> fused_merge(_tiles.MLA_SM90, np.array([0, 2, 4, 6]), 3, 132) is None
+    True
     """
-    return (isinstance(cfg, _tiles.MLATileConfig)
-            and planner.most_states(merge_indptr) <= _tiles.MLA_FUSED_MOST_CHUNKS)
+    if not isinstance(cfg, _tiles.MLATileConfig):
+        return None
+    if planner.most_states(merge_indptr) <= _tiles.MLA_FUSED_MOST_CHUNKS:
+        return "last chunk"
+    return "slices" if ctas <= num_sms * cfg.ctas else None
 
 
 def choose_tiles(num_heads: int, max_qo_len: int, hopper: bool = False):
@@ -332,14 +339,17 @@ class BatchMLA:
         params["logits_scale"] = sm_scale * _core.LOG2E
         grid = limits["items"] if limits else work.num_items
         merge = None
-        fused = split and limits is None and fuses_merge(cfg, merge_indptr)
+        ctas = grid * head_blocks
+        fused = (fused_merge(cfg, merge_indptr, ctas, _core.num_sms())
+                 if split and limits is None else None)
         if split:
             states = limits["items"] * per_item if limits else work.num_states
             partial_o, partial_lse = self._split.partials(states, num_heads, CKV_DIM, stream)
             params["partial_o"], params["partial_lse"] = partial_o.data.ptr, partial_lse.data.ptr
         if fused:
-            counters = self._split.counters(total_q * head_blocks, stream)
-            params["merge_counters"] = counters.data.ptr
+            slices = fused == "slices"  # two counters a query tile: arrived, merged
+            counters = self._split.counters((1 + slices) * total_q * head_blocks, stream)
+            params["merge_counters"], params["merge_slices"] = counters.data.ptr, slices
         elif split:
             rows = limits["total_q"] if limits else total_q
             merge = self._split.merge(pointers["merge_indptr"], rows, dtype,
@@ -347,8 +357,9 @@ class BatchMLA:
         # One grid dimension, item-major: the kernel takes (item, head block) from blockIdx.x.
         # The Hopper kernel also takes tensor maps of the pools (encoded at run()).
         maps = np.zeros((), _tma.KV_MAPS_DTYPE) if cfg is _tiles.MLA_SM90 else None
-        launch = _core.DirectLaunch(kernel, (grid * head_blocks,), (cfg.threads,),
-                                    cfg.smem_bytes(), [params] if maps is None else [params, maps])
+        launch = _core.DirectLaunch(kernel, (ctas,), (cfg.threads,), cfg.smem_bytes(),
+                                    [params] if maps is None else [params, maps],
+                                    cooperative=fused == "slices")
         self._plan = dict(launch=launch, params=launch.args[0], heads=num_heads, dtype=dtype,
                           total_q=total_q, page_size=page_size, split=split, merge=merge,
                           fused=fused,
@@ -410,12 +421,27 @@ class BatchMLA:
         params["o"] = out.data.ptr
         # The kernel writes lse unless merge_state merges its partial states.
         params["lse"] = 0 if lse is None or plan["merge"] is not None else lse.data.ptr
-        plan["launch"](stream)
+        try:
+            plan["launch"](stream)
+        except Exception as exc:
+            if not (plan["fused"] == "slices" and _core.launch_too_large(exc)):
+                raise
+            self._merge_by_last_chunk(plan)
+            plan["launch"](stream)
         if plan["merge"] is not None:
             plan["merge"](out, lse, stream)
         if self._limits is not None:
             out, lse = out[:plan["total_q"]], lse[:plan["total_q"]]
         return (out, lse) if return_lse else out
+
+    @staticmethod
+    def _merge_by_last_chunk(plan) -> None:
+        """A plan whose chunks merge slices in a cooperative launch, on a GPU that cannot hold
+        all its CTAs at once (shared with other processes): from now on the last chunk of each
+        query tile merges it, in a plain launch (its counters are the first of the pairs)."""
+        plan["params"]["merge_slices"] = 0
+        plan["launch"].drop_cooperative()
+        plan["fused"] = "last chunk"
 
     def _encode_maps(self, ckv_cache, kpe_cache) -> None:
         """Tensor maps of the ckv and kpe pools as rows of page slots (``_tma.mla_row_boxes``),

@@ -271,22 +271,32 @@ __global__ void __launch_bounds__(32 * WARPS, 1) mla_attention_kernel(const MLAP
                                       m[mt][h], denom, warp == 0 && lane % 4 == 0);
     }
 
-  // Split with p.merge_counters: the last chunk of this query tile to finish merges its states
-  // (common/fused_merge.cuh); row_red is free again once every warp has passed the barrier in
-  // cta_last_chunk_done, and holds its flag.
+  // Split with p.merge_counters: every chunk of this query tile merges a slice of it, or the
+  // last one to finish merges it all (common/fused_merge.cuh); row_red is free again once every
+  // warp has passed the barrier in cta_last_chunk_done, and holds its flag.
   if (p.merge_counters != nullptr) {
     const int group = p.group_size;
     const long long token0 = w.qo_begin + w.q_start;
-    int* counter = p.merge_counters + token0 * (p.num_heads / group) + w.head_block;
-    if (cta_last_chunk_done(counter, p.item_state_stride[w.item], reinterpret_cast<int*>(row_red)))
-      merge_state_rows<T, CKV_DIM, WARPS>(
-          p.partial_o, p.partial_lse, p.num_heads, static_cast<T*>(p.o), p.lse, w.valid_rows,
-          [&](int r) {
-            const long long token = token0 + r / group;
-            const int head = w.head_block * group + r % group;
-            return MergeRow{p.merge_indptr[token], p.merge_indptr[token + 1], head,
-                            token * p.num_heads + head};
-          },
-          warp);
+    const int chunks = p.item_state_stride[w.item];
+    const auto row_at = [&](int r) {
+      const long long token = token0 + r / group;
+      const int head = w.head_block * group + r % group;
+      return MergeRow{p.merge_indptr[token], p.merge_indptr[token + 1], head,
+                      token * p.num_heads + head};
+    };
+    const long long tile_index = token0 * (p.num_heads / group) + w.head_block;
+    T* out = static_cast<T*>(p.o);
+    if (p.merge_slices) {
+      int* counters = p.merge_counters + 2 * tile_index;
+      cta_wait_all_chunks(counters, chunks);
+      merge_slice<T, CKV_DIM, THREADS>(p.partial_o, p.partial_lse, p.num_heads, out, p.lse,
+                                       w.valid_rows, chunks,
+                                       p.item_state[w.item] - p.merge_indptr[token0], row_at);
+      cta_leave_chunks(counters, chunks);
+    } else if (cta_last_chunk_done(p.merge_counters + tile_index, chunks,
+                                   reinterpret_cast<int*>(row_red))) {
+      merge_state_rows<T, CKV_DIM, WARPS>(p.partial_o, p.partial_lse, p.num_heads, out, p.lse,
+                                          w.valid_rows, row_at, warp);
+    }
   }
 }

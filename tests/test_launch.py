@@ -36,7 +36,7 @@ def test_core_doctests():
 def test_a_new_grid_reaches_the_launch_config():
     """Plans that reuse a launch set its grid (Launcher.set_grid): the driver's config follows."""
     launch = _core.DirectLaunch.__new__(_core.DirectLaunch)
-    launch.dependent = True
+    launch.extended = True
     launch._config = np.zeros((), _core.LAUNCH_CONFIG_DTYPE)
     launch.grid = (7,)
     assert launch.grid == (7, 1, 1) and launch._config["grid"].tolist() == [7, 1, 1]

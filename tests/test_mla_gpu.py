@@ -99,42 +99,59 @@ def test_split_and_unsplit_plans(heads, batch):
         assert wrapper._plan["split"]
 
 
-@pytest.mark.parametrize("fused_most", (8, 0))
-def test_split_merged_in_the_kernel_or_by_merge_state(fused_most, monkeypatch):
-    """A split query tile of at most _tiles.MLA_FUSED_MOST_CHUNKS chunks is merged by the CTA
-    of its last chunk (0: always by merge_state) on the mma.sync tiles: 16 heads of one query,
-    4 heads of 4 causal queries a CTA, 80 heads (five 16-row head blocks), 64 heads (two 32-row
-    head blocks on the sm80 path; the wgmma tiles, merged by merge_state, on Hopper); lse asked
-    for or not; the same plan run three times into poisoned outputs, its counters back at 0."""
+@pytest.mark.parametrize("mode", ("last chunk", "slices", None))
+def test_split_merged_in_the_kernel_or_by_merge_state(mode, monkeypatch):
+    """How a split query tile is merged on the mma.sync tiles: by the CTA of its last chunk
+    ("last chunk", here at any chunk count), by every chunk a slice ("slices", a cooperative
+    launch: here from 2 chunks on) or by merge_state (None; the wgmma tiles always). 16 heads of
+    one query, 4 heads of 4 causal queries a CTA, 80 heads (five 16-row head blocks), 64 heads
+    (two 32-row head blocks on the sm80 path; the wgmma tiles on Hopper), one request of 40000
+    keys (a chunk an SM) beside empty and short ones; lse asked for or not; the same plan run
+    three times into poisoned outputs, its counters back at 0."""
     import cupy
-    from cpattn import _tiles
-    monkeypatch.setattr(_tiles, "MLA_FUSED_MOST_CHUNKS", fused_most)
-    rng = np.random.default_rng(fused_most)
-    fused = lambda plan: fused_most > 0 and plan["maps"] is None  # the mma.sync tiles
+    from cpattn import _tiles, mla
+    monkeypatch.setattr(_tiles, "MLA_FUSED_MOST_CHUNKS", 1000 if mode == "last chunk" else 0)
+    if mode is None:
+        monkeypatch.setattr(mla, "fused_merge", lambda *args: None)
+    rng = np.random.default_rng(len(mode or ""))
+    expected = lambda plan: mode if plan["maps"] is None else None  # the mma.sync tiles
     for heads, kv_lens, qo_lens, causal in ((16, [1500, 0, 700, 13], [1, 1, 1, 1], False),
                                             (4, [1500, 600, 4], [4, 3, 2], True),
                                             (80, [500, 300], [1, 1], False),
-                                            (64, [900, 5], [1, 1], False)):
+                                            (64, [900, 5], [1, 1], False),
+                                            (16, [40000, 0, 77], [1, 1, 1], False)):
         wrapper = run_and_check(rng, heads, 16, kv_lens, qo_lens, A.BFLOAT16, causal=causal)
         plan = wrapper._plan
-        assert plan["split"] and plan["fused"] == fused(plan)
-        # A plan whose fullest tile has more chunks than the limit merges by merge_state.
-        run_and_check(rng, heads, 16, [40000], [1], A.FLOAT16, wrapper=wrapper)
-        assert wrapper._plan["split"] and not wrapper._plan["fused"]
-    ckv, kpe, kv_indptr, kv_indices, kv_lens = latent_batch(rng, [900, 33], 32, A.FLOAT16)
+        assert plan["split"] and plan["fused"] == expected(plan)
+        assert plan["launch"].cooperative == (plan["fused"] == "slices")
+    ckv, kpe, kv_indptr, kv_indices, kv_lens = latent_batch(rng, [9000, 33], 32, A.FLOAT16)
     q_nope, q_pe = queries(rng, 2, 16, A.FLOAT16)
     ref_o, _ = reference.mla(q_nope, q_pe, ckv, kpe, np.arange(3, dtype=np.int32), kv_indptr,
                              kv_indices, kv_lens=kv_lens, sm_scale=SM_SCALE)
     wrapper = cpattn.BatchMLA()
     wrapper.plan(np.arange(3, dtype=np.int32), kv_indptr, kv_indices, kv_lens, 16, CKV, KPE, 32,
                  sm_scale=SM_SCALE, dtype=A.FLOAT16)
-    assert wrapper._plan["fused"] == fused(wrapper._plan)
+    assert wrapper._plan["fused"] == mode
     args = [cupy.asarray(x) for x in (q_nope, q_pe, ckv, kpe)]
     for _ in range(3):
         out = cupy.full((2, 16, CKV), np.nan, A.FLOAT16)
         assert_close(cupy.asnumpy(wrapper.run(*args, out=out)), ref_o, A.FLOAT16, "out")
-    if wrapper._plan["fused"]:
+    if mode is not None:
         assert not wrapper._split.counters(1).get().any()
+
+
+def test_slices_fall_back_to_the_last_chunk_where_ctas_cannot_all_be_resident(monkeypatch):
+    """A plan made for more SMs than the GPU has (as under MPS): its cooperative launch is
+    refused before it starts, and the run merges by the last chunk of each tile instead."""
+    from cpattn import _core
+    sms = _core.num_sms()
+    monkeypatch.setattr(_core, "num_sms", lambda: 4 * sms)
+    rng = np.random.default_rng(4)
+    wrapper = run_and_check(rng, 16, 64, [80000, 5], [1, 1], A.BFLOAT16)
+    plan = wrapper._plan
+    assert plan["split"] and plan["fused"] == "last chunk" and not plan["launch"].cooperative
+    assert plan["launch"].grid[0] > 2 * sms
+    assert not wrapper._split.counters(1).get().any()
 
 
 @pytest.mark.parametrize("heads, qo, page_size, dtype", [(16, 1, 16, A.BFLOAT16),

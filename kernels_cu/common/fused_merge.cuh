@@ -1,13 +1,18 @@
-// fused_merge.cuh: the merge of a split-KV row's partial states by the last of its chunks to
-// finish, inside the attention kernel (no second launch): decode (a warp of each request's
-// chunks counts) and MLA (a whole CTA of each query tile's chunks counts).
-//
-// Each (request or query tile, head block) has a counter (0 between launches). A chunk that
-// wrote its partial rows counts itself in; the one that completes the count merges the states
-// into out and lse, and sets the counter back to 0. A wrapper's runs must therefore be ordered
-// (one stream), as they already must for the partial states they share.
-// Ordering: writers fence their partial rows before counting; the last one fences after it, and
-// reads the partial states from L2 (ld.global.cg: they were written by other SMs).
+// fused_merge.cuh: the merge of a split-KV row's partial states inside the attention kernel (no
+// second launch), in one of two ways:
+// - by the last of its chunks to finish: decode (a warp of each request's chunks counts) and MLA
+//   (a whole CTA of each query tile's chunks counts). Each (request or query tile, head block)
+//   has a counter (0 between launches). A chunk that wrote its partial rows counts itself in;
+//   the one that completes the count merges the states into out and lse, and sets the counter
+//   back to 0.
+// - by every chunk, a slice each (merge_slice): the chunks of a query tile wait for each other
+//   (two counters: arrived, done), then each merges its share of the tile's rows x dims. Every
+//   chunk must be resident at once: the launch is cooperative (the driver refuses a grid that
+//   does not fit). One CTA's merge of many states was the tail of a long single request.
+// A wrapper's runs must therefore be ordered (one stream), as they already must for the partial
+// states they share.
+// Ordering: writers fence their partial rows before counting; a reader fences after it has seen
+// the count, and reads the partial states from L2 (ld.global.cg: they were written by other SMs).
 #pragma once
 #include "common/dtypes.cuh"
 #include "common/state.cuh"
@@ -132,6 +137,90 @@ __device__ __forceinline__ void merge_request_rows(const AttentionParams& p, con
         return MergeRow{first, end, head, (token + r / group) * p.num_qo_heads + head};
       },
       warp);
+}
+
+
+// ---- every chunk merges a slice ----------------------------------------------------------------
+
+__device__ __forceinline__ int load_acquire(const int* ptr) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
+// By every thread of a CTA that wrote its partial rows: returns once all `chunks` chunks of its
+// query tile have written theirs. counter[0] counts the arrivals.
+__device__ __forceinline__ void cta_wait_all_chunks(int* counter, int chunks) {
+  __threadfence();  // this thread's partial rows, visible to the GPU before the count
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicAdd(counter, 1);
+    while (load_acquire(counter) < chunks) __nanosleep(100);
+  }
+  __syncthreads();
+  __threadfence();  // the other chunks' rows, counted before, are read after
+}
+
+// By every thread of a CTA, after its slice: the last chunk done (counter[1]) sets both counters
+// back to 0 for the next launch; every chunk has then left the wait above.
+__device__ __forceinline__ void cta_leave_chunks(int* counter, int chunks) {
+  if (threadIdx.x == 0 && atomicAdd(counter + 1, 1) == chunks - 1) counter[0] = counter[1] = 0;
+}
+
+// Chunk `chunk` of `chunks` merges its slice of the query tile's `rows` rows x DIM values: quads
+// (4 consecutive dims of a row) [chunk * per, +per) of rows * DIM / 4, per = ceil(that /
+// chunks). A quad's states are split among TPQ neighbouring lanes (a power of two, as many as
+// THREADS allow for `per` quads at once), each folding states sub, sub + TPQ, ... (AHEAD loads
+// in flight); the lanes' states then meet by shuffles. `row_at(r)` gives each row's MergeRow;
+// its states number `chunks`. partial_o [states, num_heads, DIM] fp32.
+template <typename T, int DIM, int THREADS, typename RowAt>
+__device__ __forceinline__ void merge_slice(const float* partial_o, const float* partial_lse,
+                                            int num_heads, T* out, float* out_lse, int rows,
+                                            int chunks, int chunk, const RowAt& row_at) {
+  static_assert(DIM % 4 == 0 && THREADS % 32 == 0, "whole quads, whole warps");
+  constexpr int QUADS = DIM / 4, AHEAD = 8;
+  const int total = rows * QUADS;
+  const int per = (total + chunks - 1) / chunks;
+  const int begin = min(chunk * per, total), end = min(begin + per, total);
+  int tpq = 32;  // uniform over the CTA
+  while (tpq > 1 && (tpq * per > THREADS || tpq / 2 >= chunks)) tpq /= 2;
+  const int sub = threadIdx.x % tpq;
+  // Every thread runs every round (the shuffles need whole warps); lanes past `end` idle.
+  for (int base = begin; base < end; base += THREADS / tpq) {
+    const int quad = base + static_cast<int>(threadIdx.x) / tpq;
+    const bool active = quad < end;
+    const MergeRow at = row_at(active ? quad / QUADS : 0);
+    const int dim0 = (quad % QUADS) * 4;
+    SoftmaxState<4> st;
+    st.init();
+    for (int k0 = sub; k0 < chunks; k0 += tpq * AHEAD) {
+      float v[AHEAD][4], lse[AHEAD];
+#pragma unroll
+      for (int i = 0; i < AHEAD; ++i) {
+        const int k = k0 + i * tpq;
+        const bool valid = active && k < at.end - at.first;
+        const long long row = static_cast<long long>(valid ? at.first + k : at.first) * num_heads + at.head;
+        load_l2(partial_o + row * DIM + dim0, v[i]);
+        lse[i] = valid ? __ldcg(partial_lse + row) : NEG_INF;  // nothing to add
+      }
+#pragma unroll
+      for (int i = 0; i < AHEAD; ++i) st.merge(v[i], lse[i]);
+    }
+    for (int lanes = 1; lanes < tpq; lanes *= 2) {
+      float o2[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) o2[i] = __shfl_xor_sync(0xffffffff, st.o[i], lanes);
+      const float m2 = __shfl_xor_sync(0xffffffff, st.m, lanes);
+      const float d2 = __shfl_xor_sync(0xffffffff, st.d, lanes);
+      st.combine(o2, m2, d2);
+    }
+    if (active && sub == 0) {
+      float v[4];
+      const float lse = st.normalize(v);
+      store_vec(out + at.out_row * DIM + dim0, v);
+      if (dim0 == 0 && out_lse != nullptr) out_lse[at.out_row] = lse;
+    }
+  }
 }
 
 }  // namespace cpattn

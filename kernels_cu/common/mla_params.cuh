@@ -27,8 +27,9 @@ struct MLAParams {
                                  // (the chunks of its query tile)
   const int* merge_indptr;  // split-KV: [total_q + 1] partial states of each query row
   int* merge_counters;      // fused merge (mla_attention): [total_q * head blocks] chunks of
-                            // each query tile done, indexed by its first row; 0 between
-                            // launches; nullptr: merge_state merges
+                            // each query tile done, indexed by its first row (two each with
+                            // merge_slices: arrived, merged); 0 between launches; nullptr:
+                            // merge_state merges
   long long q_nope_stride_token, q_nope_stride_head;  // in elements
   long long q_pe_stride_token, q_pe_stride_head;
   long long ckv_stride_page, ckv_stride_slot;
@@ -37,6 +38,8 @@ struct MLAParams {
   int group_size;           // heads of one CTA (blockIdx.y selects which)
   int page_size;
   int causal;               // bottom-right aligned
+  int merge_slices;         // fused merge: 1, every chunk merges a slice (cooperative launch);
+                            // 0, the last chunk of a query tile merges it
   float logits_scale;       // sm_scale * log2(e)
 };
 

@@ -5,8 +5,8 @@
 //   d = sum_j exp(s_j - m)         (running denominator; 0 while no key was seen)
 //
 // A normalised state is (v, lse) with v = o / d and lse = m + log(d) (natural log).
-// Why the empty state never gives NaN: merge() only updates when the incoming lse is finite, so the
-// new maximum is finite and exp(m - m_new) is exp(-inf) = 0 or a finite number, never
+// Why the empty state never gives NaN: merge() and combine() only update when the new maximum is
+// finite, and exp(m - m_new) is exp(-inf) = 0 or a finite number, never
 // exp(-inf - -inf); normalize() of an empty state returns v = 0 and lse = -inf explicitly.
 #pragma once
 #include <math_constants.h>
@@ -32,12 +32,18 @@ template <int N> struct SoftmaxState {
   // Fold in a normalised state (v, lse) computed over other keys.
   __device__ __forceinline__ void merge(const float (&v)[N], float lse) {
     if (lse == NEG_INF) return;  // an empty state adds nothing
-    const float m_new = fmaxf(m, lse);
+    combine(v, lse, 1.f);
+  }
+
+  // Fold in an unnormalised state (o2, m2, d2) over other keys; two empty states stay empty.
+  __device__ __forceinline__ void combine(const float (&o2)[N], float m2, float d2) {
+    const float m_new = fmaxf(m, m2);
+    if (m_new == NEG_INF) return;
     const float scale_old = expf(m - m_new);
-    const float scale_new = expf(lse - m_new);
+    const float scale_new = expf(m2 - m_new);
 #pragma unroll
-    for (int i = 0; i < N; ++i) o[i] = o[i] * scale_old + v[i] * scale_new;
-    d = d * scale_old + scale_new;
+    for (int i = 0; i < N; ++i) o[i] = o[i] * scale_old + o2[i] * scale_new;
+    d = d * scale_old + d2 * scale_new;
     m = m_new;
   }
 
