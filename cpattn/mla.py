@@ -438,7 +438,9 @@ class BatchMLA:
     def _merge_by_last_chunk(plan) -> None:
         """A plan whose chunks merge slices in a cooperative launch, on a GPU that cannot hold
         all its CTAs at once (shared with other processes): from now on the last chunk of each
-        query tile merges it, in a plain launch (its counters are the first of the pairs)."""
+        query tile merges it, in a plain launch (one counter a tile: the first half of the
+        buffer, all 0). One CTA then reads all of a tile's states: slower than the slices, but
+        it needs no other launch."""
         plan["params"]["merge_slices"] = 0
         plan["launch"].drop_cooperative()
         plan["fused"] = "last chunk"

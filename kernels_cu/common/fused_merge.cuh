@@ -149,7 +149,10 @@ __device__ __forceinline__ int load_acquire(const int* ptr) {
 }
 
 // By every thread of a CTA that wrote its partial rows: returns once all `chunks` chunks of its
-// query tile have written theirs. counter[0] counts the arrivals.
+// query tile have written theirs. counter[0] counts the arrivals. Unlike count_chunk, thread 0
+// does not fence again behind the barrier: every reader fences (sequentially consistent) after
+// it has seen the full count, and each writer's own fence precedes its CTA's count, so each
+// writer's rows are ordered before every reader's loads.
 __device__ __forceinline__ void cta_wait_all_chunks(int* counter, int chunks) {
   __threadfence();  // this thread's partial rows, visible to the GPU before the count
   __syncthreads();
