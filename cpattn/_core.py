@@ -519,10 +519,6 @@ class CooperativeLaunchTooLarge(RuntimeError):
     processes, under MPS: fewer SMs than the device has); nothing was launched."""
 
 
-def launch_too_large(exc: BaseException) -> bool:
-    return isinstance(exc, CooperativeLaunchTooLarge)
-
-
 def dependent_launch() -> bool:
     """Whether DirectLaunch launches with programmatic dependent launch: by default on compute
     capability 9.0 (Hopper, where the GPU tests run it, CUDA-graph capture included);

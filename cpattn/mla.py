@@ -423,9 +423,7 @@ class BatchMLA:
         params["lse"] = 0 if lse is None or plan["merge"] is not None else lse.data.ptr
         try:
             plan["launch"](stream)
-        except Exception as exc:
-            if not (plan["fused"] == "slices" and _core.launch_too_large(exc)):
-                raise
+        except _core.CooperativeLaunchTooLarge:  # only a "slices" plan launches cooperatively
             self._merge_by_last_chunk(plan)
             plan["launch"](stream)
         if plan["merge"] is not None:

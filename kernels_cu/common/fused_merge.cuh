@@ -139,7 +139,6 @@ __device__ __forceinline__ void merge_request_rows(const AttentionParams& p, con
       warp);
 }
 
-
 // ---- every chunk merges a slice ----------------------------------------------------------------
 
 __device__ __forceinline__ int load_acquire(const int* ptr) {
@@ -202,7 +201,8 @@ __device__ __forceinline__ void merge_slice(const float* partial_o, const float*
       for (int i = 0; i < AHEAD; ++i) {
         const int k = k0 + i * tpq;
         const bool valid = active && k < at.end - at.first;
-        const long long row = static_cast<long long>(valid ? at.first + k : at.first) * num_heads + at.head;
+        const long long state = valid ? at.first + k : at.first;
+        const long long row = state * num_heads + at.head;
         load_l2(partial_o + row * DIM + dim0, v[i]);
         lse[i] = valid ? __ldcg(partial_lse + row) : NEG_INF;  // nothing to add
       }
